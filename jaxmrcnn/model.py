@@ -1,0 +1,187 @@
+"""Mask R-CNN inference: backbone -> FPN -> RPN -> ROIAlign -> box head -> NMS -> mask head.
+
+Static shapes throughout: a batch `[B, H, W, 3]` of images padded into one canvas, with
+per-image sizes in `info`, gives fixed-size padded outputs with a `valid` mask. Each image is
+computed exactly as the source framework computes it alone (padded to its own multiple of
+32), whatever canvas it shares: see the spatial masks in layers/resnet.py.
+
+`info` (all `[B, 2]` int32 as (h, w)):
+    image_hw:  the resized image size (clipping of boxes).
+    padded_hw: the image's own padded size, a multiple of 32, <= canvas.
+    orig_hw:   the original image size (boxes are scaled back to it).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmrcnn import ops
+from jaxmrcnn.config import ModelConfig
+from jaxmrcnn.detections import box_detections
+from jaxmrcnn.layers.box_head import BoxHead, BoxPredictor
+from jaxmrcnn.layers.fpn import FPN
+from jaxmrcnn.layers.mask_head import MaskHead
+from jaxmrcnn.layers.resnet import ResNet
+from jaxmrcnn.layers.rpn import RPNHead
+from jaxmrcnn.proposals import anchors_for_canvas, level_strides, select_proposals
+
+
+def mask_num_classes(cfg: ModelConfig) -> int:
+    """Mask predictor channels: no background channel when background is the last class
+    (Detectron2, mmdet); one per class otherwise (torchvision, maskrcnn-benchmark)."""
+    rh = cfg.roi_heads
+    return rh.num_classes - 1 if rh.background_index == rh.num_classes - 1 else rh.num_classes
+
+
+class MaskRCNN(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        rh = cfg.roi_heads
+        self.backbone = ResNet(cfg.backbone)
+        self.fpn = FPN(cfg.fpn)
+        self.rpn_head = RPNHead(len(cfg.anchors.aspect_ratios), cfg.rpn.num_convs)
+        self.box_head = BoxHead(rh.box_head, rh.fc_dim, rh.conv_dim, rh.box_head_norm, rh.norm_eps)
+        self.box_predictor = BoxPredictor(rh.num_classes)
+        self.mask_head = MaskHead(
+            mask_num_classes(cfg), rh.mask_head_convs, rh.conv_dim, rh.mask_head_norm, rh.norm_eps
+        )
+
+    def pyramid(self, images, padded_hw):
+        feats = self.backbone(images, padded_hw)
+        return feats, self.fpn(feats, padded_hw)
+
+    def __call__(self, images, info, return_aux: bool = False):
+        """images `[B, H, W, 3]` (normalized, zero-padded) -> (detections, aux).
+
+        detections: boxes `[B, D, 4]` in original-image pixels, scores `[B, D]`, labels
+        `[B, D]` (class index of the checkpoint), masks `[B, D, M, M]` probabilities of the
+        predicted class, valid `[B, D]`. aux holds named intermediates when `return_aux`.
+        """
+        cfg = self.cfg
+        image_hw = info["image_hw"]
+        padded_hw = info["padded_hw"]
+        b = images.shape[0]
+        feats, pyr = self.pyramid(images, padded_hw)
+        levels = [pyr[f"p{i}"] for i in range(2, 7)]
+        strides = level_strides(len(levels))
+
+        # RPN.
+        logits, deltas = self.rpn_head(levels, strides, padded_hw)
+        anchors, anchor_valid = anchors_for_canvas(
+            cfg.anchors, [lv.shape[1:3] for lv in levels], padded_hw
+        )
+        proposals, prop_scores, prop_valid = select_proposals(
+            cfg.rpn, logits, deltas, anchors, anchor_valid, image_hw
+        )
+
+        # Box head.
+        pool_levels = levels[:4]  # P2..P5
+        scales = [1.0 / s for s in strides[:4]]
+        level_hw = jnp.stack([-(-padded_hw // s) for s in strides[:4]], axis=1)  # [B, 4, 2]
+        pc = cfg.pooler
+        pool = dict(
+            spatial_scales=scales,
+            sampling_ratio=pc.sampling_ratio,
+            aligned=pc.aligned,
+            level_rule=pc.level_rule,
+            valid_hw=level_hw,
+            max_samples=pc.max_samples,
+        )
+        box_feats, box_overflow = ops.roi_align(
+            pool_levels, proposals, output_size=pc.box_output_size, **pool
+        )  # [B, R, 7, 7, C]
+        r = proposals.shape[1]
+        x = self.box_head(box_feats.reshape((b * r,) + box_feats.shape[2:]))
+        class_logits, box_deltas = self.box_predictor(x)
+        class_logits = class_logits.reshape(b, r, -1)
+        box_deltas = box_deltas.reshape(b, r, -1, 4)
+        det_boxes, det_scores, det_labels, det_valid = box_detections(
+            cfg.roi_heads, class_logits, box_deltas, proposals, prop_valid, image_hw
+        )
+
+        # Mask head on the final boxes (resized-image coordinates).
+        mask_feats, mask_overflow = ops.roi_align(
+            pool_levels, det_boxes, output_size=pc.mask_output_size, **pool
+        )  # [B, D, 14, 14, C]
+        d = det_boxes.shape[1]
+        mask_labels = det_labels
+        if mask_num_classes(cfg) != cfg.roi_heads.num_classes:  # no background channel
+            mask_labels = jnp.where(det_labels > cfg.roi_heads.background_index, det_labels - 1, det_labels)
+        mask_logits = self.mask_head(
+            mask_feats.reshape((b * d,) + mask_feats.shape[2:]), mask_labels.reshape(-1)
+        )
+        masks = jax.nn.sigmoid(mask_logits).reshape((b, d) + mask_logits.shape[1:])
+
+        # Back to original-image pixels, x and y scaled separately.
+        ratio = info["orig_hw"].astype(jnp.float32) / image_hw.astype(jnp.float32)  # [B, 2]
+        scale = jnp.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], axis=-1)
+        out_boxes = det_boxes * scale[:, None, :]
+
+        detections = dict(
+            boxes=out_boxes, scores=det_scores, labels=det_labels, masks=masks, valid=det_valid
+        )
+        aux = {}
+        if return_aux:
+            aux = dict(feats)
+            aux.update(pyr)
+            aux.update(
+                rpn_logits=logits,
+                rpn_deltas=deltas,
+                anchors=anchors,
+                proposals=proposals,
+                proposal_scores=prop_scores,
+                proposal_valid=prop_valid,
+                class_logits=class_logits,
+                box_deltas=box_deltas,
+                boxes_resized=det_boxes,
+                mask_logits=mask_logits.reshape((b, d) + mask_logits.shape[1:]),
+                roi_align_overflow=box_overflow + mask_overflow,
+            )
+        return detections, aux
+
+
+def dummy_inputs(batch: int = 1, canvas_hw: tuple[int, int] = (64, 64)):
+    h, w = canvas_hw
+    hw = jnp.tile(jnp.array([[h, w]], jnp.int32), (batch, 1))
+    return jnp.zeros((batch, h, w, 3), jnp.float32), dict(image_hw=hw, padded_hw=hw, orig_hw=hw)
+
+
+def init_params(cfg: ModelConfig, rng=None):
+    """Randomly initialized params (Flax defaults) for `cfg`."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    images, info = dummy_inputs()
+    return MaskRCNN(cfg).init(rng, images, info)["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The params tree `cfg` expects, as shapes, computed without allocating weights."""
+    images, info = dummy_inputs()
+    tree = jax.eval_shape(lambda: MaskRCNN(cfg).init(jax.random.PRNGKey(0), images, info))
+    return jax.tree_util.tree_map(lambda s: tuple(s.shape), tree["params"])
+
+
+def check_params(cfg: ModelConfig, params: dict) -> None:
+    """Raises ValueError listing missing, unexpected and mis-shaped params."""
+    want = dict(_flatten(param_shapes(cfg)))
+    got = {k: tuple(v.shape) for k, v in _flatten(params)}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    bad = sorted(f"{k}: {got[k]} vs expected {want[k]}" for k in set(want) & set(got) if got[k] != want[k])
+    if missing or unexpected or bad:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", bad)):
+            if items:
+                parts.append(f"{title} ({len(items)}): " + "; ".join(items[:20]))
+        raise ValueError(f"params do not fit {cfg.name}:\n  " + "\n  ".join(parts))
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}" if prefix else k)
+    else:
+        yield prefix, tree
