@@ -19,9 +19,12 @@ TORCHVISION_COCO_CATEGORIES = [
 
 
 def torchvision_coco_classes() -> tuple[list[str], list[int]]:
-    """(names, category ids) per class index of a torchvision COCO model (91 classes)."""
+    """(names, category ids) per class index of a torchvision COCO model (91 classes).
+
+    The index is the COCO category id, also for the "N/A" slots (ids COCO never used), so
+    labels are exactly torchvision's; only the background gets -1."""
     names = list(TORCHVISION_COCO_CATEGORIES)
-    ids = [-1 if n in ("__background__", "N/A") else i for i, n in enumerate(names)]
+    ids = [-1 if n == "__background__" else i for i, n in enumerate(names)]
     return names, ids
 
 

@@ -1,0 +1,196 @@
+"""The user-facing Detector: load a converted checkpoint, batch images into canvas buckets,
+run the jitted model, paste masks, return per-image detections.
+
+    det = jaxmrcnn.load("model.jaxmrcnn.msgpack")
+    outs = det([img1, img2])        # HxWx3 uint8 RGB arrays of any sizes
+    outs[0].boxes, .scores, .labels, .masks
+
+Buckets: images are padded into one of a few canvases so that a handful of compiled
+programs serve every image size; each image is still computed exactly as alone (see
+model.py), so the bucket never changes the numbers. Compiled programs are kept in a
+persistent XLA cache (`~/.cache/jaxmrcnn/xla`, or $JAXMRCNN_CACHE_DIR) so that a second
+process starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmrcnn import ops
+from jaxmrcnn.checkpoint import Checkpoint, load_checkpoint
+from jaxmrcnn.config import ModelConfig
+from jaxmrcnn.model import MaskRCNN
+from jaxmrcnn.preprocess import Prepared, batch, prepare
+
+
+@dataclasses.dataclass
+class Detections:
+    """Detections of one image, sorted by score (descending)."""
+
+    boxes: np.ndarray  # [N, 4] float32 xyxy in original-image pixels
+    scores: np.ndarray  # [N] float32
+    labels: np.ndarray  # [N] int: dataset category ids (COCO ids for COCO models)
+    masks: np.ndarray  # [N, H, W] bool, original image size
+    class_index: np.ndarray  # [N] int: the model's class index
+    names: list[str]  # [N] class names
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def enable_compilation_cache(path=None) -> str:
+    """Turns on JAX's persistent compilation cache (unless the user configured one)."""
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = path or os.environ.get("JAXMRCNN_CACHE_DIR") or Path.home() / ".cache" / "jaxmrcnn" / "xla"
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(path)
+
+
+def default_buckets(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """A few canvases for the config's resize rule: short side ceil(min_size), long side
+    ceil(max_size) and two shorter steps, in both orientations."""
+    d = cfg.input.size_divisible
+    short = -(-cfg.input.min_size // d) * d
+    long_max = -(-cfg.input.max_size // d) * d
+    longs = sorted({long_max, max(short, long_max - 4 * d), max(short, long_max - 8 * d)})
+    out = {(short, short)}
+    for lg in longs:
+        out.add((short, lg))
+        out.add((lg, short))
+    return sorted(out, key=lambda hw: (hw[0] * hw[1], hw))
+
+
+def choose_canvas(padded_hw, buckets, max_waste: float = 1.6):
+    """The smallest bucket that holds `padded_hw` without more than `max_waste` x its area;
+    else the image's own padded size."""
+    h, w = padded_hw
+    for bh, bw in buckets:
+        if bh >= h and bw >= w and bh * bw <= max_waste * h * w:
+            return (bh, bw)
+    return (h, w)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class Detector:
+    """Runs a converted Mask R-CNN on lists of images. See the module docstring."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        buckets: str | Sequence[tuple[int, int]] = "auto",
+        batch_size: int = 1,
+        compilation_cache: bool = True,
+    ):
+        if compilation_cache:
+            enable_compilation_cache()
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.classes = checkpoint.classes
+        self.category_ids = np.asarray(checkpoint.category_ids)
+        if buckets == "auto":
+            self.buckets = default_buckets(self.config)
+        elif buckets == "exact":
+            self.buckets = []
+        else:
+            self.buckets = sorted((int(h), int(w)) for h, w in buckets)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.params = jax.device_put(checkpoint.params)
+        self.model = MaskRCNN(self.config)
+        self._infer = jax.jit(self._infer_fn)
+        pc = self.config.paste
+        self._paste = jax.jit(
+            partial(
+                ops.paste_masks,
+                method=pc.method,
+                threshold=pc.threshold,
+                strict=pc.strict,
+                padding=pc.padding,
+            ),
+            static_argnames=("out_hw",),
+        )
+
+    def _infer_fn(self, params, images, info):
+        dets, _ = self.model.apply({"params": params}, images, info)
+        return dets
+
+    # ------------------------------------------------------------------ batching
+    def prepare(self, images) -> list[Prepared]:
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            raise ValueError("pass a list of images, e.g. det([image]), not a single array")
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"images must be a list of HxWx3 uint8 arrays, got {type(images).__name__}")
+        return [prepare(img, self.config.input) for img in images]
+
+    def run_prepared(self, prepared: list[Prepared]) -> list[dict]:
+        """Raw padded outputs per image (numpy): boxes, scores, labels (class index), masks
+        (M x M probabilities), valid. Groups images by canvas and batches them."""
+        results: list[dict | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(choose_canvas(p.padded_hw, self.buckets), []).append(i)
+        for canvas, idxs in groups.items():
+            for start in range(0, len(idxs), self.batch_size):
+                chunk = idxs[start : start + self.batch_size]
+                images, info, _ = batch([prepared[i] for i in chunk], canvas, self.batch_size)
+                out = jax.device_get(self._infer(self.params, images, info))
+                for j, i in enumerate(chunk):
+                    results[i] = {k: v[j] for k, v in out.items()}
+        return results
+
+    def paste(self, raw: dict, orig_hw: tuple[int, int]) -> np.ndarray:
+        """`[N, H, W]` bool masks of the valid detections in `raw`."""
+        valid = raw["valid"]
+        n = int(valid.sum())
+        h, w = orig_hw
+        if n == 0:
+            return np.zeros((0, h, w), bool)
+        n_pad = _round_up(n, 20)
+        masks = np.zeros((n_pad,) + raw["masks"].shape[1:], np.float32)
+        boxes = np.zeros((n_pad, 4), np.float32)
+        masks[:n] = raw["masks"][valid]
+        boxes[:n] = raw["boxes"][valid]
+        out_hw = (_round_up(h, 64), _round_up(w, 64))
+        pasted = self._paste(jnp.asarray(masks), jnp.asarray(boxes), out_hw=out_hw, image_hw=jnp.array([h, w]))
+        return np.asarray(pasted)[:n, :h, :w]
+
+    def to_detections(self, raw: dict, orig_hw: tuple[int, int], with_masks: bool = True) -> Detections:
+        valid = raw["valid"]
+        cls = raw["labels"][valid].astype(np.int64)
+        h, w = orig_hw
+        return Detections(
+            boxes=raw["boxes"][valid].astype(np.float32),
+            scores=raw["scores"][valid].astype(np.float32),
+            labels=self.category_ids[cls],
+            masks=self.paste(raw, orig_hw) if with_masks else np.zeros((len(cls), 0, 0), bool),
+            class_index=cls,
+            names=[self.classes[c] for c in cls],
+        )
+
+    def __call__(self, images, *, masks: bool = True) -> list[Detections]:
+        """images: list of HxWx3 uint8 RGB arrays (grayscale and RGBA are converted)."""
+        prepared = self.prepare(images)
+        raws = self.run_prepared(prepared)
+        return [self.to_detections(r, p.orig_hw, masks) for r, p in zip(raws, prepared, strict=True)]
+
+
+def load(path, **kwargs) -> Detector:
+    """Loads a converted checkpoint (see converters/from_torch.py) into a Detector."""
+    return Detector(load_checkpoint(path), **kwargs)

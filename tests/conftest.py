@@ -1,0 +1,104 @@
+"""Shared fixtures: coco-mini images and calibrated torchvision reference models.
+
+The torch reference (tests/torch_reference.py) is built once per session per version:
+seeded random weights calibrated on the test images, saved with torch.save(state_dict())
+exactly as users save torchvision models, then converted with converters/from_torch.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(ROOT))
+
+COCO_MINI = Path(os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini"))
+# Small-size parity runs (the fast suite): short side 384, long side <= 640.
+SMALL = dict(min_size=384, max_size=640)
+# A fixed, varied subset: landscape and portrait images of different aspect ratios.
+PARITY_IMAGES = ["000000000790.jpg", "000000030752.jpg", "000000063217.jpg"]
+
+
+def coco_mini_or_skip() -> Path:
+    if not (COCO_MINI / "annotations" / "instances_train2017.json").is_file():
+        pytest.skip(
+            f"coco-mini not found at {COCO_MINI} (set JAXMRCNN_COCO_MINI to its folder); "
+            "these tests need the real COCO images"
+        )
+    return COCO_MINI
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    return coco_mini_or_skip()
+
+
+@pytest.fixture(scope="session")
+def parity_images(coco_mini) -> list[np.ndarray]:
+    from torch_reference import load_image
+
+    return [load_image(coco_mini / "train2017" / name) for name in PARITY_IMAGES]
+
+
+class TorchvisionReference:
+    """A calibrated torchvision model, its state-dict file and the converted checkpoint."""
+
+    def __init__(self, version: str, images, tmp: Path):
+        import torch
+
+        import torch_reference as R
+        from converters.from_torch import convert_file
+
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.version = version
+        self.model = R.build(version, **SMALL)
+        R.calibrate(self.model, [R.to_tensor(a) for a in images])
+        self.state_dict_path = tmp / f"torchvision_{version}.pth"
+        torch.save(self.model.state_dict(), self.state_dict_path)
+        ckpt, self.summary = convert_file(self.state_dict_path)
+        ckpt.config = ckpt.config.replace(input=SMALL)
+        self.checkpoint = ckpt
+        self._cache: dict = {}
+
+    def run(self, image: np.ndarray) -> dict:
+        """Reference outputs for one image (batch of one), with intermediates."""
+        key = id(image)
+        if key not in self._cache:
+            import torch
+
+            import torch_reference as R
+
+            with torch.no_grad():
+                x = [R.to_tensor(image)]
+                il, _ = self.model.transform(x)
+                feats = self.model.backbone(il.tensors)
+                props, _ = self.model.rpn(il, feats)
+                out = self.model(x)[0]
+            self._cache[key] = dict(
+                input=il.tensors[0].permute(1, 2, 0).numpy(),
+                image_size=tuple(il.image_sizes[0]),
+                features={k: v[0].permute(1, 2, 0).numpy() for k, v in feats.items()},
+                proposals=props[0].numpy(),
+                boxes=out["boxes"].numpy(),
+                scores=out["scores"].numpy(),
+                labels=out["labels"].numpy(),
+                masks=out["masks"][:, 0].numpy(),
+            )
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def tv_v1(parity_images, tmp_path_factory):
+    return TorchvisionReference("v1", parity_images, tmp_path_factory.mktemp("tv_v1"))
+
+
+@pytest.fixture(scope="session")
+def tv_v2(parity_images, tmp_path_factory):
+    return TorchvisionReference("v2", parity_images, tmp_path_factory.mktemp("tv_v2"))
