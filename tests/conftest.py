@@ -23,7 +23,7 @@ COCO_MINI = Path(os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "
 # Small-size parity runs (the fast suite): short side 384, long side <= 640.
 SMALL = dict(min_size=384, max_size=640)
 # A fixed, varied subset: landscape and portrait images of different aspect ratios.
-PARITY_IMAGES = ["000000000790.jpg", "000000030752.jpg", "000000063217.jpg"]
+PARITY_IMAGES = ["000000000790.jpg", "000000069468.jpg", "000000072258.jpg"]
 
 
 def coco_mini_or_skip() -> Path:

@@ -123,4 +123,4 @@ def load_image(path) -> np.ndarray:
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float CHW / 255, as torchvision's to_tensor."""
-    return torch.from_numpy(img).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
