@@ -17,7 +17,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxmrcnn.config import ModelConfig, torchvision_maskrcnn_r50_fpn, torchvision_maskrcnn_r50_fpn_v2
+from jaxmrcnn.config import (
+    ModelConfig,
+    torchvision_maskrcnn_r50_fpn,
+    torchvision_maskrcnn_r50_fpn_v2,
+)
 
 Transform = Callable[[np.ndarray], np.ndarray]
 

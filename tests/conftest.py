@@ -52,8 +52,8 @@ class TorchvisionReference:
 
     def __init__(self, version: str, images, tmp: Path):
         import torch
-
         import torch_reference as R
+
         from converters.from_torch import convert_file
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -72,7 +72,6 @@ class TorchvisionReference:
         key = id(image)
         if key not in self._cache:
             import torch
-
             import torch_reference as R
 
             with torch.no_grad():

@@ -23,10 +23,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from parity import mask_iou, match_boxes, match_detections
 
 from jaxmrcnn import preprocess
 from jaxmrcnn.model import MaskRCNN
-from parity import mask_iou, match_boxes, match_detections
 
 LEVELS = {"0": "p2", "1": "p3", "2": "p4", "3": "p5", "pool": "p6"}
 

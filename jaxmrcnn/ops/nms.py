@@ -67,8 +67,9 @@ def _nms_single(boxes, scores, valid, classes, *, thr, max_output, tile, legacy,
     npad = n_tiles * t
     one = 1.0 if legacy else 0.0
 
-    key = jnp.where(valid, -scores, jnp.inf)
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)  # [N]
+    # Valid boxes first (also those scored -inf or NaN, which the early exit below relies on),
+    # then by descending score, ties by lower index (lexsort is stable).
+    order = jnp.lexsort((-scores, ~valid)).astype(jnp.int32)  # [N]
     pad = npad - n
     bs = jnp.pad(boxes[order], ((0, pad), (0, 0)))  # [Np, 4]
     vs = jnp.pad(valid[order], (0, pad))  # [Np]
