@@ -71,7 +71,7 @@ def _load_torch(path: Path):
             f"trust it, re-save only the weights: torch.save(ckpt['model'] or model.state_dict(), "
             f"'weights.pth')"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch raises many kinds (IndexError on text, RuntimeError, EOF)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({first}); it may be truncated, "

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxmrcnn.model import param_shapes
+
 from jaxmrcnn.config import (
     ModelConfig,
     torchvision_maskrcnn_r50_fpn,
@@ -214,6 +216,15 @@ def key_map(info: dict, sd: dict) -> dict[str, tuple[tuple[str, ...], Transform]
     return m
 
 
+def _flat_shapes(tree, prefix=""):
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            yield from _flat_shapes(v, name)
+        else:
+            yield name, tuple(v)
+
+
 def is_ignorable(key: str) -> bool:
     """Buffers that carry no weights: BatchNorm step counters."""
     return key.endswith("num_batches_tracked")
@@ -238,14 +249,28 @@ def convert(sd: dict, *, bn_eps: float | None = None):
             f"{'maskrcnn_resnet50_fpn_v2' if info['v2'] else 'maskrcnn_resnet50_fpn'} "
             f"(depth {info['depth']}):\n  " + "\n  ".join(lines)
         )
+    want = dict(_flat_shapes(param_shapes(cfg)))
+    mismatched = []
     for key, (path, fn) in mapping.items():
         value = np.asarray(sd[key])
         if not np.issubdtype(value.dtype, np.floating):
             raise ConversionError(f"{key} has dtype {value.dtype}; expected floating point weights")
+        try:
+            array = np.ascontiguousarray(fn(value.astype(np.float32)))
+        except ValueError:  # a reshape that cannot work: the shape is wrong
+            array = None
+        expected = want.get("/".join(path))
+        if array is None or (expected is not None and tuple(array.shape) != expected):
+            mismatched.append(f"{key}: shape {tuple(value.shape)} does not fit {cfg.name}")
+            continue
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = np.ascontiguousarray(fn(value.astype(np.float32)))
+        node[path[-1]] = array
+    if mismatched:
+        raise ConversionError(
+            f"shape mismatches ({len(mismatched)}):\n  " + "\n  ".join(mismatched[:20])
+        )
     info["n_tensors"] = len(mapping)
     info["n_ignored"] = sum(1 for k in sd if is_ignorable(k))
     return cfg, params, info

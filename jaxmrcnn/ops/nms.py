@@ -20,6 +20,12 @@ Algorithm (tiled greedy with a kept buffer and early exit):
         keep = fixed point of keep_j = alive_j & not any_i (A[i, j] & keep_i)
         append kept tile boxes to `kept` (up to K)
 
+Large inputs (N > 2 * C, C = `prefilter`, default max(4096, 8 K)) first take the C best
+valid boxes with `lax.top_k` (which is stable, like the sort) and run the loop on those: the
+result is provably the same whenever all valid boxes fit in C or K boxes were kept among
+them, and otherwise (checked at run time) the full sort runs instead, so it is always exact.
+For the box head's 1000 x 80 candidates this replaces an 80k-element sort by a top-k.
+
 The fixed point is reached in at most T iterations (after k sweeps the first k entries are
 final) and equals the greedy result, so the output is exactly torchvision's. The IoU
 threshold is compared the way the CPU kernel compares a float IoU with a double threshold:
@@ -32,7 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmrcnn.ops._checks import check_boxes, check_positive_int, check_shape_prefix
+from jaxmrcnn.ops._checks import (
+    check_boxes,
+    check_non_negative_int,
+    check_positive_int,
+    check_shape_prefix,
+)
 
 
 def float32_threshold(thr: float) -> np.float32:
@@ -146,6 +157,7 @@ def nms(
     tile: int = 128,
     legacy: bool = False,
     suppress_equal: bool = False,
+    prefilter: int | None = None,
 ):
     """Greedy NMS with a fixed output size.
 
@@ -158,6 +170,8 @@ def nms(
     max_output: K, the static number of output slots.
     legacy:  +1 box sizes (maskrcnn-benchmark / Detectron).
     suppress_equal: suppress when IoU >= threshold (Detectron, maskrcnn-benchmark CPU).
+    prefilter: C, candidates taken by top-k before the loop for large N (see the module
+             docstring; a speed knob, results do not depend on it); 0 disables it.
 
     Returns `(indices [..., K] int32, valid [..., K] bool)`, kept boxes in descending score
     order (ties: lower index first).
@@ -183,13 +197,33 @@ def nms(
         raise ValueError(f"classes must have shape {lead}, got {tuple(classes.shape)}")
 
     thr = float32_threshold(iou_threshold)
-    fn = lambda b, s, v, c: _nms_single(  # noqa: E731
-        b, s, v.astype(bool), c, thr=thr, max_output=max_output, tile=tile,
-        legacy=legacy, ge=suppress_equal,
-    )
+    def core(b, s, v, c):  # one set: [N, 4], [N], [N], [N]
+        return _nms_single(
+            b, s, v.astype(bool), c, thr=thr, max_output=max_output, tile=tile,
+            legacy=legacy, ge=suppress_equal,
+        )
+
+    fn = core
+    n = boxes.shape[-2]
+    cand = max(4096, 8 * max_output) if prefilter is None else prefilter
+    check_non_negative_int("prefilter", cand)
+
+    def fast(b, s, v, c):  # the loop on the `cand` best valid boxes, and whether it is exact
+        regular = jnp.all(~v | (s > -jnp.inf))  # no NaN or -inf among the valid scores
+        _, top = jax.lax.top_k(jnp.where(v & regular, s, -jnp.inf), cand)  # [C]
+        idx, ok = core(b[top], s[top], v[top], c[top])
+        n_valid = jnp.sum(v.astype(jnp.int32))
+        exact = regular & ((n_valid <= cand) | (jnp.sum(ok.astype(jnp.int32)) == max_output))
+        return top[idx], ok, exact
+
     for _ in range(boxes.ndim - 2):
         fn = jax.vmap(fn)
-    return fn(boxes, scores.astype(boxes.dtype), valid, classes)
+        fast = jax.vmap(fast)
+    args = (boxes, scores.astype(boxes.dtype), valid, classes)
+    if not 0 < cand or n <= 2 * cand:
+        return fn(*args)
+    idx, ok, exact = fast(*args)
+    return jax.lax.cond(jnp.all(exact), lambda: (idx, ok), lambda: fn(*args))
 
 
 def batched_nms(boxes, scores, classes, iou_threshold: float, max_output: int, **kwargs):

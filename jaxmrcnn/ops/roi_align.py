@@ -160,7 +160,7 @@ def roi_align(
     min_level: int = 2,
     valid_hw=None,
     max_samples: int = 4,
-    chunk: int = 10,
+    chunk: int | None = None,
 ):
     """Multi-level ROIAlign.
 
@@ -176,7 +176,8 @@ def roi_align(
     valid_hw: `[B, L, 2]` per-image valid map sizes (H, W) used for the border rules, for
              images padded into a larger canvas; default: each level's full size.
     max_samples: static cap G on adaptive samples per bin (sampling_ratio = 0 only).
-    chunk: ROIs per gather (a speed knob; results do not depend on it).
+    chunk: ROIs per gather (a speed knob; results do not depend on it); default: as many as
+           keep one gather near 2 MB (1 for 14x14 outputs at 256 channels, 2-3 for 7x7).
 
     Returns `(out [B, R, PH, PW, C], overflow [] int32)`; `overflow` counts ROIs computed
     with fewer adaptive samples than they need (always 0 when sampling_ratio > 0).
@@ -210,7 +211,6 @@ def roi_align(
     if not isinstance(sampling_ratio, int) or sampling_ratio < 0:
         raise ValueError(f"sampling_ratio must be an int >= 0, got {sampling_ratio!r}")
     check_positive_int("max_samples", max_samples)
-    check_positive_int("chunk", chunk)
     r = rois.shape[1]
     dtype = features[0].dtype
 
@@ -259,6 +259,10 @@ def roi_align(
         overflow = jnp.sum(over.astype(jnp.int32))
 
     ty, tx = ry.shape[-1], rx.shape[-1]
+    if chunk is None:  # measured on CPU: larger gathers fall out of cache (benchmarks/ops.py)
+        roi_bytes = ph * ty * pw * tx * c * jnp.dtype(dtype).itemsize
+        chunk = int(max(1, min(10, (2 << 20) // roi_bytes)))
+    check_positive_int("chunk", chunk)
     # Flat indices of every tap: [N, PH, Ty, PW, Tx].
     flat_idx = (
         base[:, None, None, None, None]
