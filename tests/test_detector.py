@@ -1,0 +1,120 @@
+"""The Detector API: input conversion and errors, bucketing and batching invariance, the
+demo CLI and the persistent compilation cache. Uses the calibrated torchvision v1 model of
+conftest.py at the small test size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxmrcnn.detector import Detector
+from parity import match_detections
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def detector(tv_v1):
+    return Detector(tv_v1.checkpoint, batch_size=1)
+
+
+def _same(a, b, *, atol=1e-4):
+    """Two Detections equal up to float noise: same count, labels, boxes, scores and masks."""
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=atol * 100)  # pixels
+    np.testing.assert_allclose(a.scores, b.scores, atol=atol)
+    if a.masks.size:
+        differ = (a.masks != b.masks).mean()
+        assert differ < 1e-4, f"{differ:.2e} of mask pixels differ"
+
+
+def test_output_contract(detector, parity_images):
+    img = parity_images[0]
+    (det,) = detector([img])
+    n = len(det)
+    assert n > 0
+    assert det.boxes.shape == (n, 4) and det.boxes.dtype == np.float32
+    assert det.scores.shape == (n,) and np.all(np.diff(det.scores) <= 0)
+    assert det.masks.shape == (n,) + img.shape[:2] and det.masks.dtype == bool
+    assert det.masks.any()
+    h, w = img.shape[:2]
+    assert (det.boxes >= 0).all() and (det.boxes[:, [0, 2]] <= w).all() and (det.boxes[:, [1, 3]] <= h).all()
+    # COCO category ids (torchvision's 91-entry list: index == id, 0 background)
+    assert set(det.labels) <= set(range(1, 91))
+    assert [detector.classes[i] for i in det.class_index] == det.names
+
+
+def test_grayscale_and_rgba_are_converted(detector, parity_images):
+    img = parity_images[1]
+    gray = np.asarray(Image.fromarray(img).convert("L"))
+    rgba = np.concatenate([img, np.full(img.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    d_gray, d_gray3, d_rgba, d_rgb = detector([gray, np.repeat(gray[:, :, None], 3, 2), rgba, img])
+    _same(d_gray, d_gray3, atol=0)
+    _same(d_rgba, d_rgb, atol=0)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((0, 10, 3), np.uint8), "empty"),
+        (np.zeros((10, 10, 5), np.uint8), r"shape \[H, W\]"),
+        (np.zeros((10, 10, 3), np.float32), "dtype uint8"),
+        ("cat.jpg", "must be a numpy array"),
+        (None, "must be a numpy array"),
+    ],
+)
+def test_bad_images_raise_clear_errors(detector, bad, message):
+    with pytest.raises(ValueError, match=message):
+        detector([bad])
+
+
+def test_single_array_instead_of_list(detector, parity_images):
+    with pytest.raises(ValueError, match="pass a list of images"):
+        detector(parity_images[0])
+
+
+def test_buckets_and_batching_do_not_change_results(tv_v1, parity_images, detector):
+    """One image at a time on the default buckets == three images batched by 2 (the last
+    batch padded with an empty slot) on a larger square canvas that pads every image further."""
+    imgs = parity_images[:2] + [parity_images[0][:300, :250]]  # one more, of another shape
+    bucketed = Detector(tv_v1.checkpoint, buckets=[(640, 640)], batch_size=2)
+    canvases = {tuple(p.padded_hw) for p in bucketed.prepare(imgs)}
+    assert (640, 640) not in canvases  # the bucket really pads further
+    for a, b in zip(detector(imgs), bucketed(imgs), strict=True):
+        _, matched = match_detections(a, b, score_tol=1e-4)
+        assert matched == 1.0
+        _same(a, b)
+
+
+def test_demo_cli_and_compilation_cache(tv_v1, coco_mini, tmp_path):
+    """The demo draws PNGs; the first process fills the persistent compilation cache and a
+    second one reads it (its timing is in benchmarks/inference.py, not here)."""
+    weights = tmp_path / "small.jaxmrcnn.msgpack"
+    tv_v1.checkpoint.save(weights)
+    images = [str(coco_mini / "train2017" / "000000000790.jpg"), str(tmp_path / "missing.jpg")]
+    env = dict(os.environ, JAXMRCNN_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "jaxmrcnn.demo", "--weights", str(weights), *images,
+           "--out", str(tmp_path / "out"), "--score-thresh", "0.0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert first.returncode == 0, first.stderr
+    assert "missing.jpg" in first.stdout + first.stderr and "skipped" in first.stdout + first.stderr
+    assert "images" in first.stderr  # the progress bar
+    png = tmp_path / "out" / "000000000790.png"
+    with Image.open(png) as im:
+        assert im.size == (640, 422)  # the input's size
+        drawn = np.asarray(im.convert("RGB"))
+    original = np.asarray(Image.open(images[0]).convert("RGB"))
+    assert (drawn != original).any(axis=2).mean() > 0.01  # masks and boxes were drawn
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert cached, "the first run wrote nothing to the compilation cache"
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert second.returncode == 0, second.stderr
+    after = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert set(cached) <= set(after)
