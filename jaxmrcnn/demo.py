@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+
+from jaxmrcnn.images import read_image
 
 PALETTE = np.array(
     [
@@ -23,16 +25,6 @@ PALETTE = np.array(
     ],
     np.float32,
 )  # fmt: skip
-
-
-def read_image(path) -> np.ndarray:
-    """An image file as `[H, W, 3]` uint8 RGB, EXIF orientation applied."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
 def draw(image: np.ndarray, det, *, score_thresh: float = 0.5, alpha: float = 0.5) -> Image.Image:

@@ -50,7 +50,7 @@ def parity_images(coco_mini) -> list[np.ndarray]:
 class TorchvisionReference:
     """A calibrated torchvision model, its state-dict file and the converted checkpoint."""
 
-    def __init__(self, version: str, images, tmp: Path):
+    def __init__(self, version: str, images, tmp: Path, size: dict = SMALL):
         import torch
         import torch_reference as R
 
@@ -58,12 +58,12 @@ class TorchvisionReference:
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.version = version
-        self.model = R.build(version, **SMALL)
+        self.model = R.build(version, **size)
         R.calibrate(self.model, [R.to_tensor(a) for a in images])
         self.state_dict_path = tmp / f"torchvision_{version}.pth"
         torch.save(self.model.state_dict(), self.state_dict_path)
         ckpt, self.summary = convert_file(self.state_dict_path)
-        ckpt.config = ckpt.config.replace(input=SMALL)
+        ckpt.config = ckpt.config.replace(input=size)
         self.checkpoint = ckpt
         self._cache: dict = {}
 
@@ -101,3 +101,12 @@ def tv_v1(parity_images, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tv_v2(parity_images, tmp_path_factory):
     return TorchvisionReference("v2", parity_images, tmp_path_factory.mktemp("tv_v2"))
+
+
+@pytest.fixture(scope="session")
+def tv_v1_full(parity_images, tmp_path_factory):
+    """v1 at torchvision's standard 800/1333 (for the slow test), calibrated on one image."""
+    return TorchvisionReference(
+        "v1", parity_images[:1], tmp_path_factory.mktemp("tv_v1_full"),
+        size=dict(min_size=800, max_size=1333),
+    )

@@ -153,6 +153,15 @@ def test_parity_v2(tv_v2, parity_images, index):
     check_masks(tv_v2, image, r, det, pairs)
 
 
+@pytest.mark.slow
+def test_parity_v1_standard_size(tv_v1_full, parity_images):
+    """The same checks at torchvision's default 800/1333 preprocessing (800x1216 canvas)."""
+    image = parity_images[0]
+    r, det, pairs = check_image(tv_v1_full, image)
+    assert r["input"].shape[:2] == (800, 1216)
+    check_masks(tv_v1_full, image, r, det, pairs)
+
+
 def test_converter_summary_names_the_architecture(tv_v1, tv_v2):
     assert "maskrcnn_resnet50_fpn," in tv_v1.summary[0] or "maskrcnn_resnet50_fpn " in tv_v1.summary[0]
     assert "v2" in tv_v2.summary[0]
