@@ -215,6 +215,9 @@ def parse_args(argv):
                     "category name or id, for models trained on other classes")
     ap.add_argument("--min-size", type=int, help="override the model's resize short side")
     ap.add_argument("--max-size", type=int, help="override the model's resize long side cap")
+    ap.add_argument("--buckets", choices=["auto", "coarse", "exact"],
+                    help="canvas buckets: coarse (3 canvases, fewest compilations; the default "
+                    "below 1000 images) or auto (finer, less padding; the default above)")
     ap.add_argument("--reference", choices=["torchvision"],
                     help="also run the original framework on the same weights and compare")
     return ap.parse_args(argv)
@@ -273,7 +276,8 @@ def run(args) -> dict:
             raise EvalError(f"--class-map is neither a JSON object nor a JSON file ({e})") from None
     cat_map = category_mapping(ckpt.classes, ckpt.category_ids, gt, class_map)
 
-    det = jaxmrcnn.Detector(ckpt, batch_size=args.batch_size)
+    buckets = args.buckets or ("coarse" if len(image_ids) < 1000 else "auto")
+    det = jaxmrcnn.Detector(ckpt, batch_size=args.batch_size, buckets=buckets)
     bbox, segm, raw, secs = run_jax(det, gt, image_ids, img_dir, cat_map, args.batch_size)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ The pieces `eval/coco.py` is made of, usable on their own:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from collections.abc import Mapping
@@ -170,8 +171,15 @@ def to_coco_results(image_id: int, boxes, scores, class_index, masks, cat_map: M
 def evaluate(gt: COCO, results: list[dict], iou_type: str, *, image_ids=None,
              per_category: bool = False):
     """COCOeval on `results` -> (12 stats, {category name: AP} or None, the printed table)."""
+    # pycocotools writes into both: loadRes adds fields to the result dicts and COCOeval
+    # replaces ground-truth polygons by RLEs. Work on copies so the caller's data is intact.
+    gt_copy = COCO()
+    gt_copy.dataset = copy.deepcopy(gt.dataset)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
+        gt_copy.createIndex()
+        gt = gt_copy
+        results = [dict(r) for r in results]
         dt = gt.loadRes(results) if results else COCO()
         if not results:  # loadRes refuses an empty list; an empty result set scores 0
             dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],

@@ -72,6 +72,16 @@ def default_buckets(cfg: ModelConfig) -> list[tuple[int, int]]:
     return sorted(out, key=lambda hw: (hw[0] * hw[1], hw))
 
 
+def coarse_buckets(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """Three canvases (square, landscape and portrait at the largest size): the fewest
+    compilations, for short runs where compile time outweighs the padding's extra compute."""
+    d = cfg.input.size_divisible
+    short = -(-cfg.input.min_size // d) * d
+    long_max = -(-cfg.input.max_size // d) * d
+    return sorted({(short, short), (short, long_max), (long_max, short)},
+                  key=lambda hw: (hw[0] * hw[1], hw))
+
+
 def choose_canvas(padded_hw, buckets, max_waste: float = 1.6):
     """The smallest bucket that holds `padded_hw` without more than `max_waste` x its area;
     else the image's own padded size."""
@@ -105,6 +115,8 @@ class Detector:
         self.category_ids = np.asarray(checkpoint.category_ids)
         if buckets == "auto":
             self.buckets = default_buckets(self.config)
+        elif buckets == "coarse":
+            self.buckets = coarse_buckets(self.config)
         elif buckets == "exact":
             self.buckets = []
         else:
