@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,20 +33,16 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from jaxmrcnn import ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "ops"))
+import _refs  # noqa: E402  (the tests' input generators)
+
 CANVAS = (800, 1344)
 
 
 def clustered_boxes(rng, n, n_objects, hw, jitter=0.15):
-    """Boxes scattered around `n_objects` objects: heavy overlap, like detector output."""
+    """Overlapping boxes around `n_objects` objects (tests/ops/_refs.py), clipped to `hw`."""
     h, w = hw
-    cw, ch = rng.uniform(16, w / 3, n_objects), rng.uniform(16, h / 3, n_objects)
-    cx, cy = rng.uniform(0, w, n_objects), rng.uniform(0, h, n_objects)
-    k = rng.integers(0, n_objects, n)
-    bw = cw[k] * np.exp(rng.normal(0, jitter, n))
-    bh = ch[k] * np.exp(rng.normal(0, jitter, n))
-    x = cx[k] + rng.normal(0, jitter, n) * cw[k]
-    y = cy[k] + rng.normal(0, jitter, n) * ch[k]
-    boxes = np.stack([x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2], axis=1)
+    boxes = _refs.clustered_boxes(rng, n, n_objects=n_objects, image_hw=hw, jitter=jitter)
     return np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
 
 

@@ -27,7 +27,6 @@ def convert_file(path, *, fmt: str = "auto", bn_eps: float | None = None):
     from converters import torchvision as tv_conv
     from jaxmrcnn.checkpoint import Checkpoint
     from jaxmrcnn.classes import generic_classes, torchvision_coco_classes
-    from jaxmrcnn.model import check_params
 
     sd = read_checkpoint(path)
     detected = detect_format(sd)
@@ -45,7 +44,6 @@ def convert_file(path, *, fmt: str = "auto", bn_eps: float | None = None):
             f"checkpoints only ({fmt} support is planned)"
         )
     cfg, params, info = tv_conv.convert(sd, bn_eps=bn_eps)
-    check_params(cfg, params)
     k = cfg.roi_heads.num_classes
     names, ids = torchvision_coco_classes() if k == 91 else generic_classes(k, 0)
     ckpt = Checkpoint(

@@ -17,13 +17,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxmrcnn.model import param_shapes
-
 from jaxmrcnn.config import (
     ModelConfig,
     torchvision_maskrcnn_r50_fpn,
     torchvision_maskrcnn_r50_fpn_v2,
 )
+from jaxmrcnn.model import check_params, flatten_tree, param_shapes
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -148,6 +147,15 @@ def key_map(info: dict, sd: dict) -> dict[str, tuple[tuple[str, ...], Transform]
         if bias:
             m[f"{src}.bias"] = (dst + ("bias",), same)
 
+    def conv_block(src: str, old_src: str, dst: tuple[str, ...], old: bool):
+        """Conv2dNormActivation `src` ({src}.0 conv, {src}.1 BatchNorm in v2, else a conv
+        with bias), or, when `old`, the pre-0.13 key `old_src` of a plain conv."""
+        if info["v2"]:
+            conv(f"{src}.0", dst + ("conv",), False)
+            bn(f"{src}.1", dst + ("bn",))
+        else:
+            conv(old_src if old else f"{src}.0", dst + ("conv",), True)
+
     # Backbone body.
     conv("backbone.body.conv1", ("backbone", "conv1"), False)
     bn("backbone.body.bn1", ("backbone", "bn1"))
@@ -165,14 +173,8 @@ def key_map(info: dict, sd: dict) -> dict[str, tuple[tuple[str, ...], Transform]
     # FPN.
     for i in range(4):
         for kind, ours in (("inner_blocks", "inner"), ("layer_blocks", "layer")):
-            dst = ("fpn", f"{ours}_{i}")
-            if info["v2"]:
-                conv(f"backbone.fpn.{kind}.{i}.0", dst + ("conv",), False)
-                bn(f"backbone.fpn.{kind}.{i}.1", dst + ("bn",))
-            elif info["old_fpn_keys"]:
-                conv(f"backbone.fpn.{kind}.{i}", dst + ("conv",), True)
-            else:
-                conv(f"backbone.fpn.{kind}.{i}.0", dst + ("conv",), True)
+            src = f"backbone.fpn.{kind}.{i}"
+            conv_block(src, src, ("fpn", f"{ours}_{i}"), info["old_fpn_keys"])
 
     # RPN head.
     n_rpn = 2 if info["v2"] else 1
@@ -201,28 +203,13 @@ def key_map(info: dict, sd: dict) -> dict[str, tuple[tuple[str, ...], Transform]
 
     # Mask head + predictor.
     for i in range(4):
-        dst = ("mask_head", f"fcn_{i}")
-        if info["v2"]:
-            conv(f"roi_heads.mask_head.{i}.0", dst + ("conv",), False)
-            bn(f"roi_heads.mask_head.{i}.1", dst + ("bn",))
-        elif info["old_mask_keys"]:
-            conv(f"roi_heads.mask_head.mask_fcn{i + 1}", dst + ("conv",), True)
-        else:
-            conv(f"roi_heads.mask_head.{i}.0", dst + ("conv",), True)
+        conv_block(f"roi_heads.mask_head.{i}", f"roi_heads.mask_head.mask_fcn{i + 1}",
+                   ("mask_head", f"fcn_{i}"), info["old_mask_keys"])
     m["roi_heads.mask_predictor.conv5_mask.weight"] = (("mask_head", "deconv_kernel"), deconv_abio)
     m["roi_heads.mask_predictor.conv5_mask.bias"] = (("mask_head", "deconv_bias"), same)
     m["roi_heads.mask_predictor.mask_fcn_logits.weight"] = (("mask_head", "logits_kernel"), conv1x1_io)
     m["roi_heads.mask_predictor.mask_fcn_logits.bias"] = (("mask_head", "logits_bias"), same)
     return m
-
-
-def _flat_shapes(tree, prefix=""):
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            yield from _flat_shapes(v, name)
-        else:
-            yield name, tuple(v)
 
 
 def is_ignorable(key: str) -> bool:
@@ -249,7 +236,8 @@ def convert(sd: dict, *, bn_eps: float | None = None):
             f"{'maskrcnn_resnet50_fpn_v2' if info['v2'] else 'maskrcnn_resnet50_fpn'} "
             f"(depth {info['depth']}):\n  " + "\n  ".join(lines)
         )
-    want = dict(_flat_shapes(param_shapes(cfg)))
+    shapes = param_shapes(cfg)
+    want = dict(flatten_tree(shapes))
     mismatched = []
     for key, (path, fn) in mapping.items():
         value = np.asarray(sd[key])
@@ -271,6 +259,10 @@ def convert(sd: dict, *, bn_eps: float | None = None):
         raise ConversionError(
             f"shape mismatches ({len(mismatched)}):\n  " + "\n  ".join(mismatched[:20])
         )
+    try:  # every param of the model got a tensor (guards the key map itself)
+        check_params(cfg, params, shapes)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     info["n_tensors"] = len(mapping)
     info["n_ignored"] = sum(1 for k in sd if is_ignorable(k))
     return cfg, params, info

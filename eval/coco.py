@@ -23,8 +23,10 @@ reference mode.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from jaxmrcnn.checkpoint import atomic_write  # noqa: E402
 from jaxmrcnn.coco import (  # noqa: E402
     STAT_LABELS,
     STAT_NAMES,
@@ -46,6 +48,7 @@ from jaxmrcnn.coco import (  # noqa: E402
     load_dataset,
     to_coco_results,
 )
+from jaxmrcnn.compare import match_detections  # noqa: E402
 from jaxmrcnn.images import ImageReadError, read_image  # noqa: E402
 
 COCO_MINI = Path(os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini"))
@@ -87,13 +90,15 @@ def default_weights(images, cache_dir: Path) -> Path:
     return path
 
 
-def default_dataset(tmp: Path):
+def default_dataset():
     if (COCO_MINI / "annotations" / "instances_train2017.json").exists():
         return (COCO_MINI / "train2017", COCO_MINI / "annotations" / "instances_train2017.json",
                 f"coco-mini ({COCO_MINI}: 80 COCO train2017 images, official annotations)")
     from jaxmrcnn.shapes import generate
 
-    img_dir, ann = generate(tmp / "shapes", n_images=16)
+    tmp = Path(tempfile.mkdtemp(prefix="jaxmrcnn_shapes_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    img_dir, ann = generate(tmp, n_images=16)
     return img_dir, ann, "a generated shapes dataset (16 images; coco-mini was not found)"
 
 
@@ -152,27 +157,14 @@ def run_torchvision(ckpt, gt, image_ids, img_dir, cat_map):
 
 
 def match_fraction(ref: dict, ours: dict, *, iou=0.99, score_tol=1e-3):
-    """(matched, total): the reference's detections matched one to one by ours (same label,
-    box IoU >= iou, |score diff| <= score_tol), greedily in the reference's score order."""
+    """(matched, total): the reference's detections (per image id) matched one to one by
+    ours: same label, box IoU >= iou, |score diff| <= score_tol."""
     matched = total = 0
     for iid, r in ref.items():
-        o = ours.get(iid)
         total += len(r["scores"])
-        if o is None or not len(o["scores"]) or not len(r["scores"]):
-            continue
-        a, b = r["boxes"][:, None, :], o["boxes"][None, :, :]
-        lt, rb = np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:])
-        inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-        area = lambda x: np.prod(x[..., 2:] - x[..., :2], axis=-1)  # noqa: E731
-        iou_m = inter / np.maximum(area(a) + area(b) - inter, 1e-12)
-        ok = (iou_m >= iou) & (r["labels"][:, None] == o["labels"][None])
-        ok &= np.abs(r["scores"][:, None] - o["scores"][None]) <= score_tol
-        used = np.zeros(len(o["scores"]), bool)
-        for i in np.argsort(-r["scores"], kind="stable"):
-            cand = np.flatnonzero(ok[i] & ~used)
-            if len(cand):
-                used[cand[np.argmax(iou_m[i, cand])]] = True
-                matched += 1
+        if iid in ours:
+            pairs, _ = match_detections(r, ours[iid], iou=iou, score_tol=score_tol)
+            matched += len(pairs)
     return matched, total
 
 
@@ -180,11 +172,7 @@ def match_fraction(ref: dict, ours: dict, *, iou=0.99, score_tol=1e-3):
 # Report
 # ---------------------------------------------------------------------------------------------
 def _write_json(path: Path, obj) -> None:
-    """Atomic write: an interrupted run never leaves a half-written file behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj).encode())
 
 
 def print_table(title, stats, ref=None):
@@ -227,10 +215,9 @@ def run(args) -> dict:
     import jaxmrcnn
     from jaxmrcnn.checkpoint import load_checkpoint
 
-    tmp = Path(tempfile.mkdtemp(prefix="jaxmrcnn_eval_"))
     default = not (args.weights or args.images or args.annotations)
     if default:
-        img_dir, ann, what = default_dataset(tmp)
+        img_dir, ann, what = default_dataset()
         args.images, args.annotations = str(img_dir), str(ann)
         args.reference = args.reference or "torchvision"
         args.min_size, args.max_size = args.min_size or 384, args.max_size or 640

@@ -40,17 +40,23 @@ class Checkpoint:
             "source": {k: str(v) for k, v in self.source.items()},
             "params": _to_numpy(self.params),
         }
-        data = serialization.msgpack_serialize(payload)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, serialization.msgpack_serialize(payload))
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Writes `data` to a temporary file beside `path` and renames it into place: an
+    interrupted write never leaves a truncated file or damages an existing one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _to_numpy(tree):

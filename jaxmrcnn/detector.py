@@ -58,12 +58,17 @@ def enable_compilation_cache(path=None) -> str:
     return str(path)
 
 
+def _canvas_sides(cfg: ModelConfig) -> tuple[int, int]:
+    """The resize rule's short side and long-side cap, rounded up to the size divisor."""
+    d = cfg.input.size_divisible
+    return -(-cfg.input.min_size // d) * d, -(-cfg.input.max_size // d) * d
+
+
 def default_buckets(cfg: ModelConfig) -> list[tuple[int, int]]:
     """A few canvases for the config's resize rule: short side ceil(min_size), long side
     ceil(max_size) and two shorter steps, in both orientations."""
+    short, long_max = _canvas_sides(cfg)
     d = cfg.input.size_divisible
-    short = -(-cfg.input.min_size // d) * d
-    long_max = -(-cfg.input.max_size // d) * d
     longs = sorted({long_max, max(short, long_max - 4 * d), max(short, long_max - 8 * d)})
     out = {(short, short)}
     for lg in longs:
@@ -75,9 +80,7 @@ def default_buckets(cfg: ModelConfig) -> list[tuple[int, int]]:
 def coarse_buckets(cfg: ModelConfig) -> list[tuple[int, int]]:
     """Three canvases (square, landscape and portrait at the largest size): the fewest
     compilations, for short runs where compile time outweighs the padding's extra compute."""
-    d = cfg.input.size_divisible
-    short = -(-cfg.input.min_size // d) * d
-    long_max = -(-cfg.input.max_size // d) * d
+    short, long_max = _canvas_sides(cfg)
     return sorted({(short, short), (short, long_max), (long_max, short)},
                   key=lambda hw: (hw[0] * hw[1], hw))
 

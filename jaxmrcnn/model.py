@@ -164,10 +164,11 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return jax.tree_util.tree_map(lambda s: tuple(s.shape), tree["params"])
 
 
-def check_params(cfg: ModelConfig, params: dict) -> None:
-    """Raises ValueError listing missing, unexpected and mis-shaped params."""
-    want = dict(_flatten(param_shapes(cfg)))
-    got = {k: tuple(v.shape) for k, v in _flatten(params)}
+def check_params(cfg: ModelConfig, params: dict, shapes: dict | None = None) -> None:
+    """Raises ValueError listing missing, unexpected and mis-shaped params (`shapes`: the
+    result of `param_shapes(cfg)`, if the caller already has it)."""
+    want = dict(flatten_tree(param_shapes(cfg) if shapes is None else shapes))
+    got = {k: tuple(v.shape) for k, v in flatten_tree(params)}
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     bad = sorted(f"{k}: {got[k]} vs expected {want[k]}" for k in set(want) & set(got) if got[k] != want[k])
@@ -179,9 +180,10 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
         raise ValueError(f"params do not fit {cfg.name}:\n  " + "\n  ".join(parts))
 
 
-def _flatten(tree, prefix=""):
+def flatten_tree(tree, prefix=""):
+    """Yields ("a/b/c", leaf) for every leaf of a nested dict of params (or shapes)."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}/{k}" if prefix else k)
+            yield from flatten_tree(v, f"{prefix}/{k}" if prefix else k)
     else:
         yield prefix, tree

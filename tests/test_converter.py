@@ -25,17 +25,13 @@ from converters.from_torch import convert_file
 from converters.from_torch import main as cli_main
 from converters.load import CheckpointError
 from converters.torchvision import ConversionError
+from jaxmrcnn.model import flatten_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _flat(tree, prefix=""):
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            yield from _flat(v, name)
-        else:
-            yield name, np.asarray(v)
+def _flat(tree):
+    return ((k, np.asarray(v)) for k, v in flatten_tree(tree))
 
 
 @pytest.fixture(scope="module")
