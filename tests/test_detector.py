@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmrcnn.detector import Detector
+from jaxmrcnn.detector import CPU_COMPILER_OPTIONS, Detector, resolve_compiler_options
 from parity import match_detections
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +91,32 @@ def test_buckets_and_batching_do_not_change_results(tv_v1, parity_images, detect
         _, matched = match_detections(a, b, score_tol=1e-4)
         assert matched == 1.0
         _same(a, b)
+
+
+def test_cpu_compiler_options_do_not_change_results(tv_v1, parity_images, detector):
+    """The Detector compiles with CPU_COMPILER_OPTIONS on CPU (a speed setting); XLA's
+    defaults give the same detections, up to the order of near-equal scores (a different
+    summation order moves scores by ~1e-6)."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        assert detector.compiler_options == CPU_COMPILER_OPTIONS, "the option is not in effect"
+    plain = Detector(tv_v1.checkpoint, compiler_options=None)
+    assert plain.compiler_options is None
+    imgs = parity_images[:2]
+    for a, b in zip(detector(imgs), plain(imgs), strict=True):
+        pairs, matched = match_detections(a, b, score_tol=1e-4)
+        assert matched == 1.0 and len(a) == len(b)
+        i, j = np.array(pairs).T
+        np.testing.assert_allclose(a.boxes[i], b.boxes[j], atol=1e-2)
+        differ = (a.masks[i] != b.masks[j]).mean()
+        assert differ < 1e-4, f"{differ:.2e} of mask pixels differ"
+
+
+def test_compiler_options_setting_is_checked(tv_v1):
+    with pytest.raises(ValueError, match="compiler_options must be"):
+        Detector(tv_v1.checkpoint, compiler_options="fast")
+    assert resolve_compiler_options({"xla_cpu_enable_fast_math": False}) == {"xla_cpu_enable_fast_math": False}
 
 
 def test_demo_cli_and_compilation_cache(tv_v1, coco_mini, tmp_path):

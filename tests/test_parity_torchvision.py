@@ -26,6 +26,7 @@ import pytest
 from parity import mask_iou, match_boxes, match_detections
 
 from jaxmrcnn import preprocess
+from jaxmrcnn.detector import resolve_compiler_options
 from jaxmrcnn.model import MaskRCNN
 
 LEVELS = {"0": "p2", "1": "p3", "2": "p4", "3": "p5", "pool": "p6"}
@@ -36,7 +37,10 @@ def run_ours(ref, image, *, canvas=None):
     key = ("fn",)
     if key not in ref._cache:
         model = MaskRCNN(cfg)
-        ref._cache[key] = jax.jit(lambda p, im, info: model.apply({"params": p}, im, info, return_aux=True))
+        ref._cache[key] = jax.jit(  # compiled as the Detector compiles it
+            lambda p, im, info: model.apply({"params": p}, im, info, return_aux=True),
+            compiler_options=resolve_compiler_options(),
+        )
     prep = preprocess.prepare(image, cfg.input)
     images, info, _ = preprocess.batch([prep], canvas or prep.padded_hw)
     det, aux = jax.device_get(ref._cache[key](ref.checkpoint.params, images, info))
