@@ -8,8 +8,8 @@ run the jitted model, paste masks, return per-image detections.
 Buckets: images are padded into one of a few canvases so that a handful of compiled
 programs serve every image size; each image is still computed exactly as alone (see
 model.py), so the bucket never changes the numbers. Compiled programs are kept in a
-persistent XLA cache (`~/.cache/jaxmrcnn/xla`, or $JAXMRCNN_CACHE_DIR) so that a second
-process starts fast.
+persistent XLA cache (`~/.cache/jaxmrcnn/xla`, or $JAXMRCNN_CACHE_DIR) and traced ones in its
+`programs/` folder (programs.py), so that a second process neither traces nor compiles.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from jaxmrcnn.checkpoint import Checkpoint, load_checkpoint
 from jaxmrcnn.config import ModelConfig
 from jaxmrcnn.model import MaskRCNN
 from jaxmrcnn.preprocess import Prepared, batch, prepare
+from jaxmrcnn.programs import ProgramCache
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ def enable_compilation_cache(path=None) -> str:
     path = path or os.environ.get("JAXMRCNN_CACHE_DIR") or Path.home() / ".cache" / "jaxmrcnn" / "xla"
     Path(path).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return str(path)
 
@@ -141,8 +142,12 @@ class Detector:
         compilation_cache: bool = True,
         compiler_options="auto",
     ):
+        self._program_cache = None
+        self.compiler_options = resolve_compiler_options(compiler_options)
         if compilation_cache:
-            enable_compilation_cache()
+            cache_dir = enable_compilation_cache()
+            self._program_cache = ProgramCache(Path(cache_dir) / "programs", self.compiler_options)
+        self._programs: dict = {}
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.classes = checkpoint.classes
@@ -160,7 +165,6 @@ class Detector:
         self.batch_size = batch_size
         self.params = jax.device_put(checkpoint.params)
         self.model = MaskRCNN(self.config)
-        self.compiler_options = resolve_compiler_options(compiler_options)
         self._infer = jax.jit(self._infer_fn, compiler_options=self.compiler_options)
         pc = self.config.paste
         self._paste = jax.jit(
@@ -177,6 +181,18 @@ class Detector:
     def _infer_fn(self, params, images, info):
         dets, _ = self.model.apply({"params": params}, images, info)
         return dets
+
+    def _program(self, images, info):
+        """The jitted model for this canvas and batch size: traced once per process, or
+        read back from the program cache (see programs.py) so a new process skips tracing."""
+        key = images.shape
+        if key not in self._programs:
+            if self._program_cache is None:
+                self._programs[key] = self._infer
+            else:
+                name = f"maskrcnn|{self.config!r}"
+                self._programs[key] = self._program_cache.get(name, self._infer_fn, (self.params, images, info))
+        return self._programs[key]
 
     # ------------------------------------------------------------------ batching
     def prepare(self, images) -> list[Prepared]:
@@ -197,7 +213,7 @@ class Detector:
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start : start + self.batch_size]
                 images, info, _ = batch([prepared[i] for i in chunk], canvas, self.batch_size)
-                out = jax.device_get(self._infer(self.params, images, info))
+                out = jax.device_get(self._program(images, info)(self.params, images, info))
                 for j, i in enumerate(chunk):
                     results[i] = {k: v[j] for k, v in out.items()}
         return results

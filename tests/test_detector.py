@@ -120,8 +120,9 @@ def test_compiler_options_setting_is_checked(tv_v1):
 
 
 def test_demo_cli_and_compilation_cache(tv_v1, coco_mini, tmp_path):
-    """The demo draws PNGs; the first process fills the persistent compilation cache and a
-    second one reads it (its timing is in benchmarks/inference.py, not here)."""
+    """The demo draws PNGs; the first process fills the persistent compilation cache and the
+    traced-program cache, and a second one reads them back unchanged and draws the same
+    picture (the timing is in benchmarks/inference.py, not here)."""
     weights = tmp_path / "small.jaxmrcnn.msgpack"
     tv_v1.checkpoint.save(weights)
     images = [str(coco_mini / "train2017" / "000000000790.jpg"), str(tmp_path / "missing.jpg")]
@@ -140,7 +141,12 @@ def test_demo_cli_and_compilation_cache(tv_v1, coco_mini, tmp_path):
     assert (drawn != original).any(axis=2).mean() > 0.01  # masks and boxes were drawn
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert cached, "the first run wrote nothing to the compilation cache"
+    (program,) = (tmp_path / "cache" / "programs").glob("maskrcnn-*.jaxexport")
+    stamp = (program.stat().st_ino, program.stat().st_mtime_ns)
+    first_png = png.read_bytes()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert second.returncode == 0, second.stderr
     after = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert set(cached) <= set(after)
+    assert (program.stat().st_ino, program.stat().st_mtime_ns) == stamp, "the program was traced again"
+    assert png.read_bytes() == first_png
