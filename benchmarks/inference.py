@@ -46,11 +46,17 @@ def load_images(n: int, shape=None):
 
     folder = COCO_MINI / "train2017"
     if folder.is_dir():
+        from PIL import Image
+
         files = sorted(folder.glob("*.jpg"))
-        imgs = [load_image(f) for f in files]
-        if shape is not None:
-            imgs = [a for a in imgs if a.shape[:2] == shape] or imgs
-        return imgs[:n], f"coco-mini ({folder})"
+        if shape is not None:  # select by header size, decode only what is returned
+            sized = []
+            for f in files:
+                with Image.open(f) as im:
+                    if im.size[::-1] == tuple(shape):
+                        sized.append(f)
+            files = sized or files
+        return [load_image(f) for f in files[:n]], f"coco-mini ({folder})"
     rng = np.random.default_rng(0)
     imgs = []
     for _ in range(n):  # smooth random scenes at COCO's most common size
