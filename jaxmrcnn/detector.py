@@ -165,7 +165,6 @@ class Detector:
         self.batch_size = batch_size
         self.params = jax.device_put(checkpoint.params)
         self.model = MaskRCNN(self.config)
-        self._infer = jax.jit(self._infer_fn, compiler_options=self.compiler_options)
         pc = self.config.paste
         self._paste = jax.jit(
             partial(
@@ -188,7 +187,7 @@ class Detector:
         key = images.shape
         if key not in self._programs:
             if self._program_cache is None:
-                self._programs[key] = self._infer
+                self._programs[key] = jax.jit(self._infer_fn, compiler_options=self.compiler_options)
             else:
                 name = f"maskrcnn|{self.config!r}"
                 self._programs[key] = self._program_cache.get(name, self._infer_fn, (self.params, images, info))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -97,8 +98,6 @@ def test_cpu_compiler_options_do_not_change_results(tv_v1, parity_images, detect
     """The Detector compiles with CPU_COMPILER_OPTIONS on CPU (a speed setting); XLA's
     defaults give the same detections, up to the order of near-equal scores (a different
     summation order moves scores by ~1e-6)."""
-    import jax
-
     if jax.default_backend() == "cpu":
         assert detector.compiler_options == CPU_COMPILER_OPTIONS, "the option is not in effect"
     plain = Detector(tv_v1.checkpoint, compiler_options=None)
