@@ -79,15 +79,27 @@ def _load_torch(path: Path):
         ) from None
 
 
-def to_numpy_state_dict(obj, path: Path) -> dict[str, np.ndarray]:
-    """Unwraps {'model': ...} / {'state_dict': ...}, strips a DDP 'module.' prefix, and
-    converts tensors to numpy."""
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and "blobs" in obj and isinstance(obj["blobs"], dict):
-        obj = obj["blobs"]
+def unwrap(obj) -> tuple[object, dict]:
+    """The state dict inside a framework's container, and what the container says about it:
+    `{"container": "{'model': ...}", "meta": obj['meta'] if any, "extra_keys": [...]}`."""
+    info: dict = {"container": "", "meta": None, "extra_keys": []}
+    if not isinstance(obj, dict):
+        return obj, info
+    for key in ("state_dict", "model", "blobs"):
+        if key in obj and isinstance(obj[key], dict):
+            info["container"] = "{'%s': ...}" % key
+            info["meta"] = obj.get("meta") if isinstance(obj.get("meta"), dict) else None
+            info["extra_keys"] = sorted(str(k) for k in obj if k != key)
+            return obj[key], info
+    return obj, info
+
+
+def to_numpy_state_dict(obj, path: Path, info: dict | None = None) -> dict[str, np.ndarray]:
+    """Unwraps {'model': ...} / {'state_dict': ...} / {'blobs': ...}, strips a DDP 'module.'
+    prefix, and converts tensors to numpy. `info` (if given) receives unwrap()'s notes."""
+    obj, notes = unwrap(obj)
+    if info is not None:
+        info.update(notes)
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(
             f"{path} holds no state dict (a mapping from parameter names to tensors); got "
@@ -105,10 +117,29 @@ def to_numpy_state_dict(obj, path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path} contains no tensors")
     if all(k.startswith("module.") for k in out):
         out = {k[len("module."):]: v for k, v in out.items()}
+        if info is not None:
+            info["module_prefix"] = True
     return out
 
 
-def read_checkpoint(path) -> dict[str, np.ndarray]:
+# torch.save's legacy (pre-1.6) format begins with this number, pickled.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _is_torch_legacy(path: Path) -> bool:
+    """Whether a pickle-start file is PyTorch's legacy serialization (its first pickled
+    object is torch's magic number); read with the restricted unpickler, so no code runs."""
+    with open(path, "rb") as f:
+        try:
+            first = _RestrictedUnpickler(f, encoding="latin1").load()
+        except Exception:  # not even one plain object: let the pickle reader explain
+            return False
+    return isinstance(first, int) and first == _TORCH_LEGACY_MAGIC
+
+
+def read_checkpoint(path, info: dict | None = None) -> dict[str, np.ndarray]:
+    """The flat state dict (name -> np.ndarray) of a checkpoint file. `info`, if given,
+    receives what the container held (see unwrap)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such file: {path}")
@@ -118,30 +149,19 @@ def read_checkpoint(path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path} is empty")
     with open(path, "rb") as f:
         head = f.read(4)
-    if path.suffix == ".pkl" or (head[:1] == b"\x80" and not zipfile.is_zipfile(path)):
-        obj = _load_pkl(path)
+    if zipfile.is_zipfile(path):
+        obj = _load_torch(path)
+    elif head[:1] == b"\x80" or path.suffix == ".pkl":
+        # A pickle: PyTorch < 1.6's torch.save (maskrcnn-benchmark, Matterport), which
+        # torch.load(weights_only=True) reads, or a plain pickle (Detectron, Detectron2 zoo).
+        obj = _load_torch(path) if _is_torch_legacy(path) else _load_pkl(path)
     else:
         obj = _load_torch(path)
-    return to_numpy_state_dict(obj, path)
+    return to_numpy_state_dict(obj, path, info)
 
 
 def detect_format(sd: dict) -> str:
-    """Which framework wrote this state dict, from its key names."""
-    keys = list(sd)
+    """Which framework wrote this state dict, from its key names ("unknown" if none)."""
+    from converters.from_torch import detect_format as detect
 
-    def has(prefix):
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("backbone.body.") and has("roi_heads.box_predictor."):
-        return "torchvision"
-    if has("backbone.bottom_up."):
-        return "detectron2"
-    if has("backbone.body.stem.") or has("roi_heads.box.feature_extractor."):
-        return "maskrcnn_benchmark"
-    if has("neck.lateral_convs.") or has("roi_head.bbox_head."):
-        return "mmdet"
-    if "conv1_w" in sd or has("res2_0_branch2a"):
-        return "detectron"
-    return "unknown"
-
-
+    return detect(sd)

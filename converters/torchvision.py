@@ -13,62 +13,40 @@ also ResNet-101/152 and ResNeXt bodies (depth, groups and width are read off the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
-import numpy as np
-
+from converters.common import (
+    BN_KEYS,
+    ConversionError,
+    Converted,
+    apply_key_map,
+    arch_name,
+    conv1x1_io,
+    conv_hwio,
+    conventions,
+    deconv_abio,
+    linear,
+    linear_from_chw,
+    same,
+)
+from jaxmrcnn.classes import generic_classes, torchvision_coco_classes
 from jaxmrcnn.config import (
     ModelConfig,
     torchvision_maskrcnn_r50_fpn,
     torchvision_maskrcnn_r50_fpn_v2,
 )
-from jaxmrcnn.model import check_params, flatten_tree, param_shapes
 
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class ConversionError(ValueError):
-    """The checkpoint does not fit the architecture; the message lists what is wrong."""
+NAME = "torchvision"
+__all__ = ["NAME", "ConversionError", "convert", "detect", "key_map", "read_arch"]
 
 
-def conv_hwio(w: np.ndarray) -> np.ndarray:
-    """PyTorch conv OIHW -> Flax HWIO."""
-    return np.transpose(w, (2, 3, 1, 0))
+def detect(sd: dict) -> bool:
+    """torchvision key names: `backbone.body.*` and `roi_heads.box_predictor.*`."""
+    return any(k.startswith("backbone.body.") for k in sd) and any(
+        k.startswith("roi_heads.box_predictor.") for k in sd
+    ) and "backbone.body.stem.conv1.weight" not in sd
 
 
-def linear(w: np.ndarray) -> np.ndarray:
-    """PyTorch Linear (out, in) -> Flax Dense (in, out)."""
-    return np.transpose(w)
-
-
-def linear_from_chw(c: int, h: int, w_: int) -> Transform:
-    """Linear over a PyTorch (C, H, W) flatten -> Dense over our NHWC (H, W, C) flatten."""
-
-    def f(w: np.ndarray) -> np.ndarray:
-        out = w.shape[0]
-        return w.reshape(out, c, h, w_).transpose(2, 3, 1, 0).reshape(h * w_ * c, out)
-
-    return f
-
-
-def deconv_abio(w: np.ndarray) -> np.ndarray:
-    """ConvTranspose2d weight (in, out, kh, kw) -> our (kh, kw, in, out), no flip."""
-    return np.transpose(w, (2, 3, 0, 1))
-
-
-def conv1x1_io(w: np.ndarray) -> np.ndarray:
-    """1x1 conv (out, in, 1, 1) -> (in, out)."""
-    return np.transpose(w[:, :, 0, 0])
-
-
-def same(w: np.ndarray) -> np.ndarray:
-    return w
-
-
-BN_KEYS = {"weight": "weight", "bias": "bias", "running_mean": "mean", "running_var": "var"}
-
-
-def detect(sd: dict) -> dict:
+def read_arch(sd: dict) -> dict:
     """Reads the architecture off the keys and shapes. Raises ConversionError if the state
     dict is not a torchvision Mask R-CNN."""
     keys = set(sd)
@@ -217,52 +195,30 @@ def is_ignorable(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def convert(sd: dict, *, bn_eps: float | None = None):
-    """state dict (name -> np.ndarray) -> (ModelConfig, params tree, info dict)."""
-    info = detect(sd)
+def convert(sd: dict, meta: dict | None = None, *, arch: str | None = None,
+            bn_eps: float | None = None) -> Converted:
+    """state dict (name -> np.ndarray) -> Converted."""
+    if arch is not None:
+        raise ConversionError("--arch is not used for torchvision files (read off the shapes)")
+    info = read_arch(sd)
     cfg = build_config(info, bn_eps=bn_eps)
-    mapping = key_map(info, sd)
-    params: dict = {}
-    missing = sorted(k for k in mapping if k not in sd)
-    unexpected = sorted(k for k in sd if k not in mapping and not is_ignorable(k))
-    if missing or unexpected:
-        lines = []
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]))
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]))
-        raise ConversionError(
-            "the checkpoint does not match torchvision "
-            f"{'maskrcnn_resnet50_fpn_v2' if info['v2'] else 'maskrcnn_resnet50_fpn'} "
-            f"(depth {info['depth']}):\n  " + "\n  ".join(lines)
-        )
-    shapes = param_shapes(cfg)
-    want = dict(flatten_tree(shapes))
-    mismatched = []
-    for key, (path, fn) in mapping.items():
-        value = np.asarray(sd[key])
-        if not np.issubdtype(value.dtype, np.floating):
-            raise ConversionError(f"{key} has dtype {value.dtype}; expected floating point weights")
-        try:
-            array = np.ascontiguousarray(fn(value.astype(np.float32)))
-        except ValueError:  # a reshape that cannot work: the shape is wrong
-            array = None
-        expected = want.get("/".join(path))
-        if array is None or (expected is not None and tuple(array.shape) != expected):
-            mismatched.append(f"{key}: shape {tuple(value.shape)} does not fit {cfg.name}")
-            continue
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = array
-    if mismatched:
-        raise ConversionError(
-            f"shape mismatches ({len(mismatched)}):\n  " + "\n  ".join(mismatched[:20])
-        )
-    try:  # every param of the model got a tensor (guards the key map itself)
-        check_params(cfg, params, shapes)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
-    info["n_tensors"] = len(mapping)
-    info["n_ignored"] = sum(1 for k in sd if is_ignorable(k))
-    return cfg, params, info
+    model = "maskrcnn_resnet50_fpn_v2" if info["v2"] else "maskrcnn_resnet50_fpn"
+    params = apply_key_map(
+        sd, key_map(info, sd), cfg, ignorable=is_ignorable,
+        what=f"torchvision {model} (depth {info['depth']})",
+    )
+    k = cfg.roi_heads.num_classes
+    names, ids = torchvision_coco_classes() if k == 91 else generic_classes(k, 0)
+    n_tensors = sum(1 for key in sd if not is_ignorable(key))
+    n_ignored = len(sd) - n_tensors
+    b = cfg.backbone
+    style = "old" if info["old_fpn_keys"] or info["old_mask_keys"] else "new"
+    summary = [
+        f"detected format: torchvision ({model}, {style} key style)",
+        f"architecture:    {cfg.name}: {arch_name(b.depth, b.groups, b.width_per_group)}, "
+        f"frozen BN eps {b.norm_eps:g}, {k} classes" + (" (COCO)" if k == 91 else ""),
+        f"tensors:         {n_tensors} converted, {n_ignored} ignored (num_batches_tracked)",
+    ] + ["convention       " + line for line in conventions(cfg)]
+    return Converted(cfg, params, names, ids,
+                     dict(format=NAME, version="v2" if info["v2"] else "v1", arch=cfg.name),
+                     summary)

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from flax import serialization
 
-from jaxmrcnn.config import ModelConfig
+from jaxmrcnn.config import ModelConfig, torchvision_maskrcnn_r50_fpn
 
 MAGIC = "jaxmrcnn-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: every config field stored (1: torchvision only, fields added since are filled)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -82,13 +83,17 @@ def load_checkpoint(path) -> Checkpoint:
             f"{path} is not a jaxmrcnn checkpoint (missing the '{MAGIC}' marker). Convert a "
             f"PyTorch checkpoint with: python converters/from_torch.py CKPT --out {path}"
         )
-    if payload.get("version") != VERSION:
+    version = payload.get("version")
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} has checkpoint version {payload.get('version')}, this jaxmrcnn reads "
-            f"version {VERSION}; re-convert it with this version's converter"
+            f"{path} has checkpoint version {version}, this jaxmrcnn reads versions "
+            f"{READABLE_VERSIONS}; re-convert it with this version's converter"
         )
+    # Version 1 files came from torchvision only, before the convention fields existed:
+    # those take torchvision's values.
+    fill = torchvision_maskrcnn_r50_fpn() if version == 1 else None
     return Checkpoint(
-        config=ModelConfig.from_json(payload["config"]),
+        config=ModelConfig.from_json(payload["config"], fill_from=fill),
         params=payload["params"],
         classes=list(payload["classes"]),
         category_ids=[int(i) for i in payload["category_ids"]],

@@ -35,3 +35,16 @@ def generic_classes(num_classes: int, background_index: int) -> tuple[list[str],
     ]
     ids = [-1 if i == background_index else i for i in range(num_classes)]
     return names, ids
+
+
+def coco80_classes(background_index: int) -> tuple[list[str], list[int]]:
+    """(names, category ids) of an 81-class COCO model whose 80 foreground classes are
+    contiguous in COCO id order (Detectron2, mmdet, maskrcnn-benchmark, Detectron), with the
+    background at `background_index` (0 or 80)."""
+    fg = [(n, i) for i, n in enumerate(TORCHVISION_COCO_CATEGORIES) if i > 0 and n != "N/A"]
+    assert len(fg) == 80
+    names = [n for n, _ in fg]
+    ids = [i for _, i in fg]
+    names.insert(background_index, "__background__")
+    ids.insert(background_index, -1)
+    return names, ids

@@ -3,6 +3,9 @@
 A converted checkpoint stores its `ModelConfig` (as JSON), so the model it loads into
 reproduces the source framework's inference. Read a preset top to bottom to see the whole
 graph's settings on one screen.
+
+No field has a default: every preset states every convention it relies on (a test checks
+that each preset is complete and that the presets differ only where the frameworks do).
 """
 
 from __future__ import annotations
@@ -11,115 +14,132 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class InputConfig:
     """Host-side preprocessing (jaxmrcnn/preprocess.py)."""
 
-    channel_order: str = "RGB"  # order the network expects: "RGB" or "BGR"
-    pixel_scale: float = 255.0  # uint8 values are divided by this first (255: [0, 1] input)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    min_size: int = 800  # shortest side after resizing ...
-    max_size: int = 1333  # ... unless the longest side would exceed this
-    resize_rule: str = "torchvision"  # floor(dim * scale), float bilinear after normalizing
-    size_divisible: int = 32  # padded canvas is a multiple of this
+    channel_order: str  # order the network expects: "RGB" or "BGR"
+    pixel_scale: float  # uint8 values are divided by this first (255: [0, 1] input)
+    mean: tuple[float, float, float]  # in the network's channel order, after pixel_scale
+    std: tuple[float, float, float]
+    min_size: int  # shortest side after resizing ...
+    max_size: int  # ... unless the longest side would exceed this
+    # How the output size is computed (see preprocess.resized_size): "torchvision" (floor),
+    # "detectron2" (int(x + 0.5) after capping), "maskrcnn_benchmark", "mmdet".
+    resize_rule: str
+    # Which library's interpolation resizes the pixels, and when: "torch_bilinear" (float
+    # image after normalizing, torchvision), "pillow_bilinear" (uint8 before normalizing,
+    # Detectron2 / maskrcnn-benchmark), "opencv_linear" (uint8 before normalizing, mmdet).
+    resize_impl: str
+    size_divisible: int  # padded canvas is a multiple of this
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    depth: int = 50  # 50, 101 or 152
-    groups: int = 1  # ResNeXt cardinality
-    width_per_group: int = 64
-    stride_in_1x1: bool = False  # True for MSRA/caffe weights; torchvision puts it on the 3x3
-    norm: str = "frozen_bn"  # "frozen_bn" (x - mean) / sqrt(var + eps) * w + b, or "affine"
-    norm_eps: float = 0.0  # torchvision COCO v1 weights: 0.0; BatchNorm2d: 1e-5
+    depth: int  # 50, 101 or 152
+    groups: int  # ResNeXt cardinality
+    width_per_group: int
+    stride_in_1x1: bool  # True for MSRA/caffe weights; torchvision puts it on the 3x3
+    norm: str  # "frozen_bn" (x - mean) / sqrt(var + eps) * w + b, or "affine"
+    norm_eps: float  # torchvision COCO v1 weights: 0.0; BatchNorm2d / Detectron2: 1e-5
 
 
 @dataclass(frozen=True)
 class FPNConfig:
-    out_channels: int = 256
-    norm: str | None = None  # None: convs with bias; "bn": conv + BatchNorm (torchvision v2)
-    norm_eps: float = 1e-5
+    out_channels: int
+    norm: str | None  # None: convs with bias; "bn": conv + BatchNorm (torchvision v2)
+    norm_eps: float
 
 
 @dataclass(frozen=True)
 class AnchorConfig:
-    sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level P2..P6
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # h / w
-    flavour: str = "torchvision"  # "torchvision" | "detectron2" | "legacy"
-    offset: float = 0.0
+    sizes: tuple[int, ...]  # one per level P2..P6
+    aspect_ratios: tuple[float, ...]  # h / w
+    flavour: str  # "torchvision" (rounded) | "detectron2" (unrounded) | "legacy" (+1)
+    offset: float  # grid points at (i + offset) * stride
     # "torchvision": stride = padded image size // feature size (e.g. 61 on P6 of 800 px);
     # "nominal": 4, 8, 16, 32, 64.
-    stride_rule: str = "torchvision"
+    stride_rule: str
 
 
 @dataclass(frozen=True)
 class RPNConfig:
-    num_convs: int = 1  # shared 3x3 convs before the two 1x1 predictors
-    pre_nms_top_n: int = 1000  # per level, at test time
-    post_nms_top_n: int = 1000  # per image
-    nms_thresh: float = 0.7
-    min_size: float = 1e-3  # keep w, h >= min_size
-    score_thresh: float = 0.0  # keep sigmoid(logit) >= score_thresh
-    box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
-    coder_style: str = "torchvision"
-    # Emulate torchvision's CPU batched_nms, which offsets boxes by class when it gets at most
-    # 1000 boxes (changes IoUs in the last bits); None disables.
-    nms_offset_trick_max_boxes: int | None = 1000
+    num_convs: int  # shared 3x3 convs before the two 1x1 predictors
+    pre_nms_top_n: int  # per level, at test time
+    post_nms_top_n: int  # per image
+    nms_thresh: float
+    min_size: float  # keep w, h >= min_size (> if min_size_strict)
+    min_size_strict: bool  # Detectron2 / mmdet: w > 0 and h > 0
+    score_thresh: float  # keep sigmoid(logit) >= score_thresh
+    box_weights: tuple[float, float, float, float]
+    coder_style: str  # ops.BoxCoder style: "torchvision" | "legacy" (+1) | "mmdet"
+    box_plus_one: bool  # legacy +1 sizes in clipping, size filter and NMS IoU
+    nms_suppress_equal: bool  # suppress at IoU >= thr (Detectron, maskrcnn-benchmark CPU)
+    # Emulate a batched NMS that offsets boxes by class when it gets at most this many boxes
+    # (torchvision CPU: 1000; mmcv: 9999), which changes IoUs in the last bits; None: never.
+    nms_offset_trick_max_boxes: int | None
 
 
 @dataclass(frozen=True)
 class PoolerConfig:
-    box_output_size: int = 7
-    mask_output_size: int = 14
-    sampling_ratio: int = 2
-    aligned: bool = False
-    level_rule: str = "torchvision"
-    max_samples: int = 4  # static cap for sampling_ratio = 0 (see ops/roi_align.py)
+    box_output_size: int
+    mask_output_size: int
+    sampling_ratio: int  # 0: adaptive ceil(roi_size / output_size)
+    aligned: bool  # half-pixel shift (Detectron2 ROIAlignV2, mmcv)
+    level_rule: str  # ops.assign_levels rule
+    max_samples: int  # adaptive samples per bin in the main pass (a speed knob, exact anyway)
 
 
 @dataclass(frozen=True)
 class ROIHeadsConfig:
-    num_classes: int = 91  # including background
-    background_index: int = 0  # torchvision / maskrcnn-benchmark: 0; detectron2 / mmdet: last
-    box_head: str = "2fc"  # "2fc" | "4conv1fc"
-    box_head_norm: str | None = None  # "bn" for torchvision v2
-    fc_dim: int = 1024
-    conv_dim: int = 256
-    box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-    coder_style: str = "torchvision"
-    score_thresh: float = 0.05  # strict >
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    min_box_size: float = 1e-2  # torchvision drops w or h < 1e-2 before NMS
-    nms_offset_trick_max_boxes: int | None = 1000
-    mask_head_convs: int = 4
-    mask_head_norm: str | None = None
-    norm_eps: float = 1e-5
+    num_classes: int  # including background
+    background_index: int  # torchvision / maskrcnn-benchmark: 0; detectron2 / mmdet: last
+    box_head: str  # "2fc" | "4conv1fc"
+    box_head_norm: str | None  # "bn" for torchvision v2
+    fc_dim: int
+    conv_dim: int
+    # Box regressor rows: "per_class" (4 per class, background included: torchvision,
+    # maskrcnn-benchmark), "per_foreground_class" (Detectron2, mmdet), "agnostic" (4 rows).
+    box_reg: str
+    box_weights: tuple[float, float, float, float]
+    coder_style: str
+    box_plus_one: bool  # legacy +1 sizes in clipping, size filter and NMS IoU
+    score_thresh: float  # strict >
+    nms_thresh: float
+    nms_suppress_equal: bool
+    detections_per_img: int
+    min_box_size: float | None  # torchvision drops w or h < 1e-2 before NMS; None: no filter
+    nms_offset_trick_max_boxes: int | None
+    # Detectron2's detector_postprocess: after scaling boxes to the original image, clip
+    # them to it and drop those with w or h <= 0.
+    clip_to_original: bool
+    mask_head_convs: int
+    mask_head_norm: str | None
+    norm_eps: float
 
 
 @dataclass(frozen=True)
 class PasteConfig:
-    method: str = "torchvision"  # "torchvision" | "detectron2"
-    threshold: float = 0.5
-    strict: bool = True  # mask = p > threshold (torchvision's COCO evaluation); False: >=
-    padding: int = 1
+    method: str  # "torchvision" (int box + resize) | "detectron2" (grid_sample)
+    threshold: float
+    strict: bool  # mask = p > threshold (torchvision eval, maskrcnn-benchmark); False: >=
+    padding: int  # "torchvision" method: zero border before resizing
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "torchvision_maskrcnn_r50_fpn"
-    input: InputConfig = field(default_factory=InputConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    fpn: FPNConfig = field(default_factory=FPNConfig)
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    rpn: RPNConfig = field(default_factory=RPNConfig)
-    pooler: PoolerConfig = field(default_factory=PoolerConfig)
-    roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
-    paste: PasteConfig = field(default_factory=PasteConfig)
+    name: str
+    input: InputConfig
+    backbone: BackboneConfig
+    fpn: FPNConfig
+    anchors: AnchorConfig
+    rpn: RPNConfig
+    pooler: PoolerConfig
+    roi_heads: ROIHeadsConfig
+    paste: PasteConfig
 
     def replace(self, **parts) -> ModelConfig:
         """`cfg.replace(input=dict(min_size=512))` or with whole sub-configs."""
@@ -133,11 +153,14 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> ModelConfig:
-        return _from_dict(ModelConfig, json.loads(text))
+    def from_json(text: str, *, fill_from: ModelConfig | None = None) -> ModelConfig:
+        """Parses `to_json` output. `fill_from`: a config whose values fill fields the JSON
+        lacks (reading files written before those fields existed); else they are an error."""
+        base = None if fill_from is None else dataclasses.asdict(fill_from)
+        return _from_dict(ModelConfig, json.loads(text), base)
 
 
-def _from_dict(cls, data: dict):
+def _from_dict(cls, data: dict, base: dict | None = None):
     if not isinstance(data, dict):
         raise ValueError(f"config for {cls.__name__} must be a JSON object, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -145,11 +168,16 @@ def _from_dict(cls, data: dict):
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    if base is not None:
+        data = {**{k: v for k, v in base.items() if k not in data}, **data}
+    missing = names - set(data)
+    if missing:
+        raise ValueError(f"{cls.__name__} lacks fields {sorted(missing)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _from_dict(hint, value)
+            kwargs[name] = _from_dict(hint, value, None if base is None else base.get(name))
         elif _is_tuple(hint) and isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
@@ -167,6 +195,13 @@ def _is_tuple(hint) -> bool:
 
 
 # ----------------------------------------------------------------------------- presets
+# Each preset states every field. Values cite the framework's own source in CONVENTIONS.md
+# terms; tests/test_presets.py checks them against the real frameworks' configs.
+
+COCO_SIZES = (32, 64, 128, 256, 512)
+RATIOS = (0.5, 1.0, 2.0)
+CAFFE_BGR_MEAN = (103.530, 116.280, 123.675)  # Detectron2 / mmdet caffe-style, BGR order
+X101_32X8D_BGR_STD = (57.375, 57.120, 58.395)  # Detectron2's X-101-32x8d, BGR order
 
 
 def torchvision_maskrcnn_r50_fpn(num_classes: int = 91, *, bn_eps: float = 0.0) -> ModelConfig:
@@ -174,29 +209,115 @@ def torchvision_maskrcnn_r50_fpn(num_classes: int = 91, *, bn_eps: float = 0.0) 
     with eps = 0 (the builder calls overwrite_eps(model, 0.0))."""
     return ModelConfig(
         name="torchvision_maskrcnn_r50_fpn",
-        backbone=BackboneConfig(depth=50, norm="frozen_bn", norm_eps=bn_eps),
-        roi_heads=ROIHeadsConfig(num_classes=num_classes),
+        input=InputConfig(
+            channel_order="RGB", pixel_scale=255.0, mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225), min_size=800, max_size=1333,
+            resize_rule="torchvision", resize_impl="torch_bilinear", size_divisible=32,
+        ),
+        backbone=BackboneConfig(
+            depth=50, groups=1, width_per_group=64, stride_in_1x1=False, norm="frozen_bn",
+            norm_eps=bn_eps,
+        ),
+        fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
+        anchors=AnchorConfig(
+            sizes=COCO_SIZES, aspect_ratios=RATIOS, flavour="torchvision", offset=0.0,
+            stride_rule="torchvision",
+        ),
+        rpn=RPNConfig(
+            num_convs=1, pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7,
+            min_size=1e-3, min_size_strict=False, score_thresh=0.0,
+            box_weights=(1.0, 1.0, 1.0, 1.0), coder_style="torchvision", box_plus_one=False,
+            nms_suppress_equal=False, nms_offset_trick_max_boxes=1000,
+        ),
+        pooler=PoolerConfig(
+            box_output_size=7, mask_output_size=14, sampling_ratio=2, aligned=False,
+            level_rule="torchvision", max_samples=4,
+        ),
+        roi_heads=ROIHeadsConfig(
+            num_classes=num_classes, background_index=0, box_head="2fc", box_head_norm=None,
+            fc_dim=1024, conv_dim=256, box_reg="per_class", box_weights=(10.0, 10.0, 5.0, 5.0),
+            coder_style="torchvision", box_plus_one=False, score_thresh=0.05, nms_thresh=0.5,
+            nms_suppress_equal=False, detections_per_img=100, min_box_size=1e-2,
+            nms_offset_trick_max_boxes=1000, clip_to_original=False, mask_head_convs=4,
+            mask_head_norm=None, norm_eps=1e-5,
+        ),
+        paste=PasteConfig(method="torchvision", threshold=0.5, strict=True, padding=1),
     )
 
 
 def torchvision_maskrcnn_r50_fpn_v2(num_classes: int = 91) -> ModelConfig:
     """torchvision `maskrcnn_resnet50_fpn_v2`: BatchNorm (eps 1e-5) in the backbone, FPN,
-    box head (4conv1fc) and mask head; a two-conv RPN head."""
-    return ModelConfig(
+    box head (4conv1fc) and mask head; a two-conv RPN head. Otherwise as v1."""
+    v1 = torchvision_maskrcnn_r50_fpn(num_classes, bn_eps=1e-5)
+    return v1.replace(
         name="torchvision_maskrcnn_r50_fpn_v2",
-        backbone=BackboneConfig(depth=50, norm="frozen_bn", norm_eps=1e-5),
-        fpn=FPNConfig(norm="bn", norm_eps=1e-5),
-        rpn=RPNConfig(num_convs=2),
-        roi_heads=ROIHeadsConfig(
-            num_classes=num_classes,
-            box_head="4conv1fc",
-            box_head_norm="bn",
-            mask_head_norm="bn",
+        fpn=dict(norm="bn", norm_eps=1e-5),
+        rpn=dict(num_convs=2),
+        roi_heads=dict(box_head="4conv1fc", box_head_norm="bn", mask_head_norm="bn"),
+    )
+
+
+def detectron2_mask_rcnn(
+    depth: int = 50, groups: int = 1, width_per_group: int = 64, num_classes: int = 81
+) -> ModelConfig:
+    """Detectron2 `mask_rcnn_{R_50,R_101,X_101_32x8d}_FPN_{1x,3x}` (configs/Base-RCNN-FPN.yaml
+    + config/defaults.py): BGR 0-255 input with the caffe mean (X-101-32x8d adds its pixel
+    std), ResizeShortestEdge (int(x + 0.5), PIL bilinear), MSRA ResNet (stride in the 1x1,
+    except ResNeXt) with FrozenBN eps 1e-5, unrounded anchors on nominal strides, RPN boxes
+    kept if w, h > 0, ROIAlignV2 (aligned, adaptive sampling), background last with a
+    regressor per foreground class, boxes clipped to the original image, grid_sample paste
+    thresholded at >= 0.5."""
+    resnext = groups > 1
+    arch = f"R_{depth}" if not resnext else f"X_{depth}_{groups}x{width_per_group}d"
+    return ModelConfig(
+        name=f"detectron2_mask_rcnn_{arch}_FPN",
+        input=InputConfig(
+            channel_order="BGR", pixel_scale=1.0, mean=CAFFE_BGR_MEAN,
+            std=X101_32X8D_BGR_STD if resnext else (1.0, 1.0, 1.0), min_size=800,
+            max_size=1333, resize_rule="detectron2", resize_impl="pillow_bilinear",
+            size_divisible=32,
         ),
+        backbone=BackboneConfig(
+            depth=depth, groups=groups, width_per_group=width_per_group,
+            stride_in_1x1=not resnext, norm="frozen_bn", norm_eps=1e-5,
+        ),
+        fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
+        anchors=AnchorConfig(
+            sizes=COCO_SIZES, aspect_ratios=RATIOS, flavour="detectron2", offset=0.0,
+            stride_rule="nominal",
+        ),
+        rpn=RPNConfig(
+            num_convs=1, pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7,
+            min_size=0.0, min_size_strict=True, score_thresh=0.0,
+            box_weights=(1.0, 1.0, 1.0, 1.0), coder_style="torchvision", box_plus_one=False,
+            nms_suppress_equal=False, nms_offset_trick_max_boxes=1000,
+        ),
+        pooler=PoolerConfig(
+            box_output_size=7, mask_output_size=14, sampling_ratio=0, aligned=True,
+            level_rule="detectron2", max_samples=4,
+        ),
+        roi_heads=ROIHeadsConfig(
+            num_classes=num_classes, background_index=num_classes - 1, box_head="2fc",
+            box_head_norm=None, fc_dim=1024, conv_dim=256, box_reg="per_foreground_class",
+            box_weights=(10.0, 10.0, 5.0, 5.0), coder_style="torchvision", box_plus_one=False,
+            score_thresh=0.05, nms_thresh=0.5, nms_suppress_equal=False, detections_per_img=100,
+            min_box_size=None, nms_offset_trick_max_boxes=1000, clip_to_original=True,
+            mask_head_convs=4, mask_head_norm=None, norm_eps=1e-5,
+        ),
+        paste=PasteConfig(method="detectron2", threshold=0.5, strict=False, padding=0),
     )
 
 
 PRESETS = {
     "torchvision_maskrcnn_r50_fpn": torchvision_maskrcnn_r50_fpn,
     "torchvision_maskrcnn_r50_fpn_v2": torchvision_maskrcnn_r50_fpn_v2,
+    # Detectron2 model zoo names (1x and 3x differ only in training length).
+    "detectron2/mask_rcnn_R_50_FPN_1x": lambda num_classes=81: detectron2_mask_rcnn(
+        50, num_classes=num_classes),
+    "detectron2/mask_rcnn_R_50_FPN_3x": lambda num_classes=81: detectron2_mask_rcnn(
+        50, num_classes=num_classes),
+    "detectron2/mask_rcnn_R_101_FPN_3x": lambda num_classes=81: detectron2_mask_rcnn(
+        101, num_classes=num_classes),
+    "detectron2/mask_rcnn_X_101_32x8d_FPN_3x": lambda num_classes=81: detectron2_mask_rcnn(
+        101, 32, 8, num_classes=num_classes),
 }

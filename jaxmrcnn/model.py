@@ -45,7 +45,7 @@ class MaskRCNN(nn.Module):
         self.fpn = FPN(cfg.fpn)
         self.rpn_head = RPNHead(len(cfg.anchors.aspect_ratios), cfg.rpn.num_convs)
         self.box_head = BoxHead(rh.box_head, rh.fc_dim, rh.conv_dim, rh.box_head_norm, rh.norm_eps)
-        self.box_predictor = BoxPredictor(rh.num_classes)
+        self.box_predictor = BoxPredictor(rh.num_classes, rh.box_reg)
         self.mask_head = MaskHead(
             mask_num_classes(cfg), rh.mask_head_convs, rh.conv_dim, rh.mask_head_norm, rh.norm_eps
         )
@@ -98,7 +98,7 @@ class MaskRCNN(nn.Module):
         x = self.box_head(box_feats.reshape((b * r,) + box_feats.shape[2:]))
         class_logits, box_deltas = self.box_predictor(x)
         class_logits = class_logits.reshape(b, r, -1)
-        box_deltas = box_deltas.reshape(b, r, -1, 4)
+        box_deltas = box_deltas.reshape(b, r, -1, 4)  # [B, R, G, 4]
         det_boxes, det_scores, det_labels, det_valid = box_detections(
             cfg.roi_heads, class_logits, box_deltas, proposals, prop_valid, image_hw
         )
@@ -120,10 +120,21 @@ class MaskRCNN(nn.Module):
         ratio = info["orig_hw"].astype(jnp.float32) / image_hw.astype(jnp.float32)  # [B, 2]
         scale = jnp.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], axis=-1)
         out_boxes = det_boxes * scale[:, None, :]
+        out_valid = det_valid
+        if cfg.roi_heads.clip_to_original:  # Detectron2's detector_postprocess
+            oh, ow = info["orig_hw"][:, None, 0], info["orig_hw"][:, None, 1]
+            out_boxes = ops.clip_boxes(out_boxes, oh, ow)
+            out_valid = det_valid & ops.small_box_mask(out_boxes, 0.0, strict=True)
 
         detections = dict(
-            boxes=out_boxes, scores=det_scores, labels=det_labels, masks=masks, valid=det_valid
+            boxes=out_boxes, scores=det_scores, labels=det_labels, masks=masks, valid=out_valid
         )
+        if cfg.roi_heads.clip_to_original:  # valid detections first, order kept
+            order = jnp.argsort(~out_valid, axis=1, stable=True)  # [B, D]
+            detections = {
+                k: jnp.take_along_axis(v, order.reshape(order.shape + (1,) * (v.ndim - 2)), axis=1)
+                for k, v in detections.items()
+            }
         aux = {}
         if return_aux:
             aux = dict(feats)

@@ -1,9 +1,20 @@
 """Host-side preprocessing: image checks, each framework's resize rule, normalization, and
 padding into canvas buckets. numpy only; results feed the jitted model.
 
+Each framework resizes with its own rounding rule and its own library, and the pixels only
+match when both are reproduced (host-side code may use the framework's library, which is
+the faithful way to get its rounding):
+
 torchvision (GeneralizedRCNNTransform): uint8 / 255 -> (x - mean) / std -> resize the float
-image by scale = min(min_size / short, max_size / long) to floor(dim * scale) with bilinear
-interpolation (align_corners=False, no antialias) -> zero-pad to a multiple of 32.
+    image by scale = min(min_size / short, max_size / long) to floor(dim * scale) with
+    bilinear interpolation (align_corners=False, no antialias) -> zero-pad to a multiple of 32.
+Detectron2 (DefaultPredictor + ResizeShortestEdge, data/transforms/augmentation_impl.py):
+    scale the short side to min_size, then cap the long side at max_size, each side
+    int(x + 0.5); Pillow bilinear on the uint8 image (ResizeTransform.apply_image) -> BGR
+    float -> (x - mean) / std -> zero-pad to a multiple of 32.
+mmdet (Resize keep_ratio, mmcv.imrescale): scale = min(max_size / long, min_size / short),
+    each side int(x * scale + 0.5); OpenCV INTER_LINEAR on the uint8 image -> normalize ->
+    zero-pad.
 """
 
 from __future__ import annotations
@@ -15,7 +26,8 @@ import numpy as np
 
 from jaxmrcnn.config import InputConfig
 
-RESIZE_RULES = ("torchvision",)
+RESIZE_RULES = ("torchvision", "detectron2", "mmdet")
+RESIZE_IMPLS = ("torch_bilinear", "pillow_bilinear", "opencv_linear")
 
 
 def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
@@ -54,6 +66,17 @@ def resized_size(h: int, w: int, cfg: InputConfig) -> tuple[int, int]:
     if cfg.resize_rule == "torchvision":
         scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
         return math.floor(h * scale), math.floor(w * scale)
+    if cfg.resize_rule == "detectron2":  # ResizeShortestEdge.get_output_shape
+        size = cfg.min_size * 1.0
+        scale = size / min(h, w)
+        newh, neww = (size, scale * w) if h < w else (scale * h, size)
+        if max(newh, neww) > cfg.max_size:
+            scale = cfg.max_size * 1.0 / max(newh, neww)
+            newh, neww = newh * scale, neww * scale
+        return int(newh + 0.5), int(neww + 0.5)
+    if cfg.resize_rule == "mmdet":  # mmcv.rescale_size with a (max_size, min_size) scale
+        scale = min(cfg.max_size / max(h, w), cfg.min_size / min(h, w))
+        return int(h * float(scale) + 0.5), int(w * float(scale) + 0.5)
     raise ValueError(f"unknown resize_rule {cfg.resize_rule!r}; expected one of {RESIZE_RULES}")
 
 
@@ -101,17 +124,45 @@ class Prepared:
     orig_hw: tuple[int, int]
 
 
+def resize_uint8(rgb: np.ndarray, out_hw: tuple[int, int], impl: str) -> np.ndarray:
+    """`[H, W, 3]` uint8 -> `[h, w, 3]` uint8 with the framework's library."""
+    h, w = out_hw
+    if (h, w) == rgb.shape[:2]:
+        return rgb
+    if impl == "pillow_bilinear":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+    if impl == "opencv_linear":
+        try:
+            import cv2
+        except ImportError:
+            raise ImportError(
+                "this model resizes images with OpenCV, as its framework does: "
+                "pip install opencv-python-headless"
+            ) from None
+        return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    raise ValueError(f"unknown resize_impl {impl!r}; expected one of {RESIZE_IMPLS}")
+
+
+def normalize(x: np.ndarray, cfg: InputConfig) -> np.ndarray:
+    """uint8 RGB `[H, W, 3]` -> float32 in the network's channel order, (x / s - mean) / std."""
+    x = x if cfg.channel_order == "RGB" else x[:, :, ::-1]
+    x = x.astype(np.float32) / np.float32(cfg.pixel_scale)
+    return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+
+
 def prepare(image, cfg: InputConfig) -> Prepared:
     """Checks, normalizes and resizes one image following `cfg`'s framework rules."""
     rgb = as_rgb_uint8(image)
     h, w = rgb.shape[:2]
-    x = rgb if cfg.channel_order == "RGB" else rgb[:, :, ::-1]
-    x = x.astype(np.float32) / np.float32(cfg.pixel_scale)
-    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
     rh, rw = resized_size(h, w, cfg)
     if rh <= 0 or rw <= 0:
         raise ValueError(f"image of size {h}x{w} resizes to nothing ({rh}x{rw})")
-    x = resize_bilinear(x, (rh, rw))
+    if cfg.resize_impl == "torch_bilinear":  # normalize, then resize the float image
+        x = resize_bilinear(normalize(rgb, cfg), (rh, rw))
+    else:  # resize the uint8 image, then normalize
+        x = normalize(resize_uint8(rgb, (rh, rw), cfg.resize_impl), cfg)
     d = cfg.size_divisible
     padded = (-(-rh // d) * d, -(-rw // d) * d)
     return Prepared(x, (rh, rw), padded, (h, w))

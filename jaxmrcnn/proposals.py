@@ -62,6 +62,7 @@ def select_proposals(cfg: RPNConfig, logits, deltas, anchors, anchor_valid, imag
     sorted by probability, descending.
     """
     coder = ops.BoxCoder(cfg.box_weights, style=cfg.coder_style)
+    legacy = cfg.box_plus_one
     k = max(min(cfg.pre_nms_top_n, lg.shape[1]) for lg in logits)
     lvl_boxes, lvl_probs, lvl_valid = [], [], []
     for lg, dl, an, av in zip(logits, deltas, anchors, anchor_valid, strict=True):
@@ -71,9 +72,10 @@ def select_proposals(cfg: RPNConfig, logits, deltas, anchors, anchor_valid, imag
         sel_anchors = jnp.take_along_axis(an, idx[..., None], axis=1)
         sel_deltas = jnp.take_along_axis(dl, idx[..., None], axis=1)
         boxes = coder.decode(sel_deltas, sel_anchors)
-        boxes = ops.clip_boxes(boxes, image_hw[:, None, 0], image_hw[:, None, 1])
+        boxes = ops.clip_boxes(boxes, image_hw[:, None, 0], image_hw[:, None, 1], legacy=legacy)
         prob = jax.nn.sigmoid(top)
-        keep = sel_valid & ops.small_box_mask(boxes, cfg.min_size) & (prob >= cfg.score_thresh)
+        big = ops.small_box_mask(boxes, cfg.min_size, strict=cfg.min_size_strict, legacy=legacy)
+        keep = sel_valid & big & (prob >= cfg.score_thresh)
         pad = k - kl
         lvl_boxes.append(jnp.pad(boxes, ((0, 0), (0, pad), (0, 0))))
         lvl_probs.append(jnp.pad(prob, ((0, 0), (0, pad))))
@@ -92,7 +94,10 @@ def select_proposals(cfg: RPNConfig, logits, deltas, anchors, anchor_valid, imag
             valid.reshape(b, -1),
             max_boxes=cfg.nms_offset_trick_max_boxes,
         ).reshape(boxes.shape)
-    keep_idx, keep_valid = ops.nms(nms_boxes, probs, cfg.nms_thresh, k, valid=valid)  # [B, L, k]
+    keep_idx, keep_valid = ops.nms(
+        nms_boxes, probs, cfg.nms_thresh, k, valid=valid, legacy=legacy,
+        suppress_equal=cfg.nms_suppress_equal,
+    )  # [B, L, k]
     kept_boxes = jnp.take_along_axis(boxes, keep_idx[..., None], axis=2)
     kept_probs = jnp.take_along_axis(probs, keep_idx, axis=2)
     flat_probs = jnp.where(keep_valid, kept_probs, -jnp.inf).reshape(b, n_levels * k)

@@ -203,7 +203,7 @@ BAD = {
     "missing": r"missing keys \(1\): roi_heads.box_head.fc7.weight",
     "unexpected": r"unexpected keys \(1\): roi_heads.extra_head.weight",
     "shape": r"roi_heads.box_predictor.bbox_pred.weight: shape \(40, 1024\)",
-    "detectron2": "detectron2",
+    "detectron2": "not a Detectron2 Mask R-CNN state dict",
     "not_a_state_dict": "holds no state dict",
 }
 

@@ -33,12 +33,23 @@ class BoxHead(nn.Module):
         raise ValueError(f"box head kind must be '2fc' or '4conv1fc', got {self.kind!r}")
 
 
+def box_reg_rows(box_reg: str, num_classes: int) -> int:
+    """Classes the box regressor predicts deltas for (see ROIHeadsConfig.box_reg)."""
+    rows = {"per_class": num_classes, "per_foreground_class": num_classes - 1, "agnostic": 1}
+    if box_reg not in rows:
+        raise ValueError(f"box_reg must be one of {sorted(rows)}, got {box_reg!r}")
+    return rows[box_reg]
+
+
 class BoxPredictor(nn.Module):
     num_classes: int  # including background
+    box_reg: str = "per_class"
 
     @nn.compact
     def __call__(self, x):
-        """`[N, D]` -> class logits `[N, K]`, deltas `[N, K, 4]` (class-major rows)."""
+        """`[N, D]` -> class logits `[N, K]`, deltas `[N, G, 4]` (class-major rows; G per
+        `box_reg_rows`)."""
+        g = box_reg_rows(self.box_reg, self.num_classes)
         logits = nn.Dense(self.num_classes, name="cls_score")(x)
-        deltas = nn.Dense(self.num_classes * 4, name="bbox_pred")(x)
-        return logits, deltas.reshape(x.shape[0], self.num_classes, 4)
+        deltas = nn.Dense(g * 4, name="bbox_pred")(x)
+        return logits, deltas.reshape(x.shape[0], g, 4)

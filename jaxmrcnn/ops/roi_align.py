@@ -44,6 +44,10 @@ import jax.numpy as jnp
 from jaxmrcnn.ops._checks import check_boxes, check_choice, check_positive_int, check_rank
 
 LEVEL_RULES = ("torchvision", "detectron2", "legacy", "mmdet")
+_MAX_GRID = 2**30  # adaptive samples per bin beyond this are clipped (never reached in practice)
+_CHUNK = 8  # default ROIs per main-pass step (benchmarks/ops.py)
+_TAIL_ITEMS = 16  # adaptive tail work items per loop trip (benchmarks/ops.py)
+_UNROLL = 64  # _pool: unroll up to this many taps per bin
 
 
 def assign_levels(
@@ -85,12 +89,10 @@ def assign_levels(
     return (lvl - min_level).astype(jnp.int32)
 
 
-def _axis_taps(lo_edge, hi_edge, extent, *, pooled, scale, sampling_ratio, max_samples, aligned):
-    """Tap rows and weights along one axis for every ROI.
+def _axis_grid(lo_edge, hi_edge, *, pooled, scale, sampling_ratio, aligned):
+    """Per-ROI sample grid along one axis, as the reference kernel: `(start, bin_size, g)`.
 
-    lo_edge, hi_edge: `[N]` ROI coordinates in image pixels; extent: `[N]` valid map size.
-    Returns idx `[N, P, T]` int32, weights `[N, P, T]`, grid `[N]` (samples per bin) and
-    `miss [N]` (adaptive mode: samples that fell outside the band).
+    lo_edge, hi_edge: `[N]` ROI coordinates in image pixels; `g [N]` int32 samples per bin.
     """
     off = 0.5 if aligned else 0.0
     start = lo_edge * scale - off  # [N]
@@ -98,42 +100,52 @@ def _axis_taps(lo_edge, hi_edge, extent, *, pooled, scale, sampling_ratio, max_s
     if not aligned:
         size = jnp.maximum(size, 1.0)
     bin_size = size / pooled  # [N]
-    extent_f = extent.astype(start.dtype)
     if sampling_ratio > 0:
         g = jnp.full(start.shape, sampling_ratio, jnp.int32)
-        n_samples = sampling_ratio
     else:
         g = jnp.ceil(size / pooled)
-        g = jnp.where(jnp.isnan(g), 0, jnp.clip(g, 0, 2**30)).astype(jnp.int32)
-        n_samples = max_samples
-    p = jnp.arange(pooled, dtype=start.dtype)  # [P]
-    i = jnp.arange(n_samples, dtype=start.dtype) + 0.5  # [S]
-    gf = jnp.maximum(g, 1).astype(start.dtype)[:, None, None]
+        # NaN / infinite sizes (degenerate boxes) get no samples: their output is 0.
+        g = jnp.where(jnp.isfinite(g), jnp.clip(g, 0, _MAX_GRID), 0).astype(jnp.int32)
+    return start, bin_size, g
+
+
+def _axis_taps(start, bin_size, g, extent, first, *, pooled, n_samples, band):
+    """Tap rows and weights along one axis for samples `first + [0, n_samples)` of every bin.
+
+    start, bin_size, g, extent (valid map size), first: `[N]`. Samples with index >= g or
+    outside [-1, extent] weigh 0.
+      band None: 2 taps (lo, hi) per sample -> idx, weights `[N, P, 2 * n_samples]`.
+      band B:    B consecutive rows from the first sample's `lo` -> `[N, P, B]`; holds every
+                 tap when the samples span at most B - 2 rows (see the module docstring).
+    Row indices stay within [0, extent - 1] (taps past the map weigh 0).
+    """
+    dt = start.dtype
+    extent_f = extent.astype(dt)
+    p = jnp.arange(pooled, dtype=dt)  # [P]
+    i_int = first[:, None] + jnp.arange(n_samples, dtype=jnp.int32)  # [N, S]
+    i = i_int.astype(dt) + 0.5
+    gf = jnp.maximum(g, 1).astype(dt)[:, None, None]
     # Same operation order as the reference kernel.
     y = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) + (
-        i[None, None, :] * bin_size[:, None, None] / gf
+        i[:, None, :] * bin_size[:, None, None] / gf
     )  # [N, P, S]
-    inside = (y >= -1.0) & (y <= extent_f[:, None, None])
-    inside = inside & (jnp.arange(n_samples)[None, None, :] < g[:, None, None])
+    inside = (y >= -1.0) & (y <= extent_f[:, None, None]) & (i_int < g[:, None])[:, None, :]
     y = jnp.maximum(y, 0.0)
     last = (extent - 1)[:, None, None]
     lo = jnp.where(inside, y, 0.0).astype(jnp.int32)
     at_edge = lo >= last
     lo = jnp.where(at_edge, last, lo)
     hi = jnp.where(at_edge, last, lo + 1)
-    y = jnp.where(at_edge, lo.astype(y.dtype), y)
-    ly = y - lo.astype(y.dtype)
+    y = jnp.where(at_edge, lo.astype(dt), y)
+    ly = y - lo.astype(dt)
     hy = 1.0 - ly
     zero = jnp.zeros_like(ly)
     w_lo = jnp.where(inside, hy, zero)
     w_hi = jnp.where(inside, ly, zero)
-    if sampling_ratio > 0:
+    if band is None:
         idx = jnp.stack([lo, hi], axis=-1).reshape(lo.shape[:2] + (2 * n_samples,))
         w = jnp.stack([w_lo, w_hi], axis=-1).reshape(idx.shape)
-        miss = jnp.zeros(start.shape, bool)
-        return idx, w, g, miss
-    # Band layout: B = G + 1 consecutive rows from the first sample's lo.
-    band = max_samples + 1
+        return jnp.maximum(idx, 0), w
     base = lo[:, :, :1]  # [N, P, 1]
     rows = base + jnp.arange(band, dtype=jnp.int32)  # [N, P, B]
     w = jnp.sum(
@@ -141,10 +153,85 @@ def _axis_taps(lo_edge, hi_edge, extent, *, pooled, scale, sampling_ratio, max_s
         + (hi[..., None, :] == rows[..., :, None]) * w_hi[..., None, :],
         axis=-1,
     )  # [N, P, B]
-    out_of_band = ((hi - base) >= band) & (w_hi > 0) | ((lo - base) >= band) & (w_lo > 0)
-    miss = jnp.any(out_of_band, axis=(1, 2))
-    idx = jnp.minimum(rows, last)
-    return idx, w, g, miss
+    return jnp.clip(rows, 0, jnp.maximum(last, 0)), w
+
+
+def _pool(flat, rows, wy, cols, wx):
+    """`out[k, p, q] = sum_a sum_b wy[k, p, a] wx[k, q, b] flat[rows[k, p, a] + cols[k, q, b]]`.
+
+    flat `[M, C]`; rows, wy `[k, P, Ty]`; cols, wx `[k, Q, Tx]` -> `[k, P, Q, C]`. Written as
+    Ty * Tx gathers of `[k, P, Q, C]` that XLA fuses with the multiply-adds into one loop
+    over the output, so the taps are never materialized (on CPU about 3x faster than one
+    gather followed by two contractions; benchmarks/ops.py). Past `_UNROLL` terms the rows
+    run in a loop (compile time).
+    """
+    ty, tx = rows.shape[-1], cols.shape[-1]
+
+    def row_sum(r, w_r):  # one row tap of every output row: [k, P]
+        acc = 0.0
+        for b in range(tx):
+            idx = r[:, :, None] + cols[:, None, :, b]  # [k, P, Q]
+            w = w_r[:, :, None] * wx[:, None, :, b]
+            acc = acc + w[..., None] * jnp.take(flat, idx, axis=0, mode="clip")
+        return acc
+
+    if ty * tx <= _UNROLL:
+        out = 0.0
+        for a in range(ty):
+            out = out + row_sum(rows[..., a], wy[..., a])
+        return out
+
+    def body(a, out):
+        r = jax.lax.dynamic_index_in_dim(rows, a, axis=2, keepdims=False)
+        w_r = jax.lax.dynamic_index_in_dim(wy, a, axis=2, keepdims=False)
+        return out + row_sum(r, w_r)
+
+    zeros = jnp.zeros(rows.shape[:2] + (cols.shape[1], flat.shape[1]), flat.dtype)
+    return jax.lax.fori_loop(0, ty, body, zeros)
+
+
+def _adaptive_tail(out, flat, grid_y, grid_x, ext_h, ext_w, base, canvas_w, count, *, g_cap):
+    """Adds the samples past the first `g_cap` per bin and axis (adaptive mode) to `out`.
+
+    Along each axis the samples of a bin split into chunks of G = `g_cap`: chunk k holds
+    samples [kG, kG + G). An ROI with cy chunks along y and cx along x has cy * cx - 1 work
+    items (ky, kx) besides the main pass's (0, 0). All ROIs' items are numbered with a
+    cumulative sum (item t belongs to the ROI whose range holds t) and run `_TAIL_ITEMS` at a
+    time in a while loop of ceil(total / _TAIL_ITEMS) trips: no trip when no ROI needs one.
+
+    out `[N, PH, PW, C]`; grid_*: `(start, bin_size, g)` per ROI; the rest `[N]`.
+    Returns `(out, n_rois_with_items)`.
+    """
+    n, ph, pw, _ = out.shape
+    gy, gx = grid_y[2], grid_x[2]
+    # Chunks per axis, capped so that item numbers stay far inside int32 (the caps only bind
+    # for ROIs tens of thousands of feature pixels long).
+    cy = jnp.clip(-(-gy // g_cap), 1, 2**15)
+    cx = jnp.clip(-(-gx // g_cap), 1, 2**15)
+    extra = jnp.minimum(cy * cx - 1, (2**30) // n)  # [N] items per ROI
+    ends = jnp.cumsum(extra)  # item t belongs to the first ROI with ends > t
+    total = ends[-1]
+    m = _TAIL_ITEMS
+    kw = dict(n_samples=g_cap, band=g_cap + 1)
+
+    def body(state):
+        trip, acc = state
+        t = trip * m + jnp.arange(m, dtype=jnp.int32)
+        valid = t < total
+        roi = jnp.minimum(jnp.searchsorted(ends, t, side="right"), n - 1).astype(jnp.int32)
+        local = t - (ends[roi] - extra[roi]) + 1  # 1 .. cy * cx - 1: item 0 is the main pass
+        ky, kx = local // cx[roi], local % cx[roi]
+        sy, by, g_y = (v[roi] for v in grid_y)
+        sx, bx, g_x = (v[roi] for v in grid_x)
+        ry, wy = _axis_taps(sy, by, g_y, ext_h[roi], ky * g_cap, pooled=ph, **kw)
+        rx, wx = _axis_taps(sx, bx, g_x, ext_w[roi], kx * g_cap, pooled=pw, **kw)
+        wy = jnp.where(valid[:, None, None], wy, 0.0)
+        rows = base[roi][:, None, None] + ry * canvas_w[roi][:, None, None]
+        part = _pool(flat, rows, wy, rx, wx) / count[roi][:, None, None, None]
+        return trip + 1, acc.at[roi].add(part)
+
+    _, out = jax.lax.while_loop(lambda s: s[0] * m < total, body, (jnp.int32(0), out))
+    return out, jnp.sum((extra > 0).astype(jnp.int32))
 
 
 def roi_align(
@@ -175,12 +262,14 @@ def roi_align(
              level's FPN index). A single level needs neither.
     valid_hw: `[B, L, 2]` per-image valid map sizes (H, W) used for the border rules, for
              images padded into a larger canvas; default: each level's full size.
-    max_samples: static cap G on adaptive samples per bin (sampling_ratio = 0 only).
-    chunk: ROIs per gather (a speed knob; results do not depend on it); default: as many as
-           keep one gather near 2 MB (1 for 14x14 outputs at 256 channels, 2-3 for 7x7).
+    max_samples: adaptive mode's chunk G: samples per bin and axis in the main pass (band of
+             G + 1 taps); ROIs that need more take extra passes. A speed knob only: the
+             result is exact for any value.
+    chunk: ROIs per step of the main pass (a speed knob; results do not depend on it).
 
-    Returns `(out [B, R, PH, PW, C], overflow [] int32)`; `overflow` counts ROIs computed
-    with fewer adaptive samples than they need (always 0 when sampling_ratio > 0).
+    Returns `(out [B, R, PH, PW, C], overflow [] int32)`; `overflow` counts the ROIs that
+    needed the adaptive tail (more than `max_samples` samples per bin along an axis); it is
+    informational, the result is exact regardless (always 0 when sampling_ratio > 0).
     """
     if isinstance(features, jax.Array) or not isinstance(features, (list, tuple)):
         features = [features]
@@ -237,6 +326,8 @@ def roi_align(
         raise ValueError(f"valid_hw must have shape {(b, n_levels, 2)}, got {valid_hw.shape}")
 
     n = b * r
+    if n == 0:
+        return jnp.zeros((b, r, ph, pw, c), dtype), jnp.zeros((), jnp.int32)
     lv = levels.reshape(n)
     bidx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
     boxes = rois.reshape(n, 4).astype(dtype)
@@ -248,45 +339,40 @@ def roi_align(
     ext_h = jnp.minimum(ext[:, 0], canvas_h)
     ext_w = jnp.minimum(ext[:, 1], canvas_w)
 
-    kw = dict(scale=scale, sampling_ratio=sampling_ratio, max_samples=max_samples, aligned=aligned)
-    ry, wy, gy, miss_y = _axis_taps(boxes[:, 1], boxes[:, 3], ext_h, pooled=ph, **kw)
-    rx, wx, gx, miss_x = _axis_taps(boxes[:, 0], boxes[:, 2], ext_w, pooled=pw, **kw)
-    count = jnp.maximum(gy * gx, 1).astype(dtype)  # [N]
+    kw = dict(scale=scale, sampling_ratio=sampling_ratio, aligned=aligned)
+    grid_y = _axis_grid(boxes[:, 1], boxes[:, 3], pooled=ph, **kw)
+    grid_x = _axis_grid(boxes[:, 0], boxes[:, 2], pooled=pw, **kw)
+    count = jnp.maximum(grid_y[2] * grid_x[2], 1).astype(dtype)  # [N]
+    if sampling_ratio > 0:
+        kw = dict(n_samples=sampling_ratio, band=None)
+    else:
+        kw = dict(n_samples=max_samples, band=max_samples + 1)
+    first = jnp.zeros((n,), jnp.int32)
+    ry, wy = _axis_taps(*grid_y, ext_h, first, pooled=ph, **kw)  # [N, PH, Ty]
+    rx, wx = _axis_taps(*grid_x, ext_w, first, pooled=pw, **kw)  # [N, PW, Tx]
+    rows = base[:, None, None] + ry * canvas_w[:, None, None]  # flat row offsets
+
+    if chunk is None:
+        chunk = _CHUNK
+    check_positive_int("chunk", chunk)
+    chunk = min(chunk, n)
+    n_pad = -(-n // chunk) * chunk
+
+    def split(x):
+        x = jnp.pad(x, [(0, n_pad - n)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((n_pad // chunk, chunk) + x.shape[1:])
+
+    def one_chunk(args):
+        rows_c, wy_c, rx_c, wx_c, cnt = args
+        return _pool(flat, rows_c, wy_c, rx_c, wx_c) / cnt[:, None, None, None]
+
+    args = tuple(split(x) for x in (rows, wy.astype(dtype), rx, wx.astype(dtype), count))
+    out = jax.lax.map(one_chunk, args)  # [N/k, k, PH, PW, C]
+    out = out.reshape(n_pad, ph, pw, c)[:n]
     if sampling_ratio > 0:
         overflow = jnp.zeros((), jnp.int32)
     else:
-        over = (gy > max_samples) | (gx > max_samples) | miss_y | miss_x
-        overflow = jnp.sum(over.astype(jnp.int32))
-
-    ty, tx = ry.shape[-1], rx.shape[-1]
-    if chunk is None:  # measured on CPU: larger gathers fall out of cache (benchmarks/ops.py)
-        roi_bytes = ph * ty * pw * tx * c * jnp.dtype(dtype).itemsize
-        chunk = int(max(1, min(10, (2 << 20) // roi_bytes)))
-    check_positive_int("chunk", chunk)
-    # Flat indices of every tap: [N, PH, Ty, PW, Tx].
-    flat_idx = (
-        base[:, None, None, None, None]
-        + ry[:, :, :, None, None] * canvas_w[:, None, None, None, None]
-        + rx[:, None, None, :, :]
-    )
-    n_pad = -(-n // chunk) * chunk
-    pad = n_pad - n
-
-    def padded(x):
-        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-
-    def one_chunk(args):
-        idx, wy_c, wx_c, cnt = args  # [k, PH, Ty, PW, Tx], [k, PH, Ty], [k, PW, Tx], [k]
-        taps = jnp.take(flat, idx.reshape(-1), axis=0, mode="clip")
-        taps = taps.reshape(idx.shape + (c,))  # [k, PH, Ty, PW, Tx, C]
-        cols = jnp.einsum("kqb,kpaqbc->kpaqc", wx_c, taps)
-        out = jnp.einsum("kpa,kpaqc->kpqc", wy_c, cols)
-        return out / cnt[:, None, None, None]
-
-    args = tuple(
-        padded(x).reshape((n_pad // chunk, chunk) + x.shape[1:])
-        for x in (flat_idx, wy.astype(dtype), wx.astype(dtype), count)
-    )
-    out = jax.lax.map(one_chunk, args)  # [N/k, k, PH, PW, C]
-    out = out.reshape(n_pad, ph, pw, c)[:n]
+        out, overflow = _adaptive_tail(
+            out, flat, grid_y, grid_x, ext_h, ext_w, base, canvas_w, count, g_cap=max_samples
+        )
     return out.reshape(b, r, ph, pw, c), overflow
