@@ -22,16 +22,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from converters import detectron2, torchvision  # noqa: E402
+from converters import detectron2, maskrcnn_benchmark, mmdet, torchvision  # noqa: E402
 from converters.common import ConversionError, Converted  # noqa: E402
 from converters.load import CheckpointError, read_checkpoint  # noqa: E402
 
-CONVERTERS = {torchvision.NAME: torchvision, detectron2.NAME: detectron2}
+CONVERTERS = {
+    torchvision.NAME: torchvision,
+    detectron2.NAME: detectron2,
+    maskrcnn_benchmark.NAME: maskrcnn_benchmark,
+    mmdet.NAME: mmdet,
+}
 
 # Formats recognised by their key names but not converted yet.
 PLANNED = {
-    "maskrcnn_benchmark": ("backbone.body.stem.", "roi_heads.box.feature_extractor."),
-    "mmdet": ("neck.lateral_convs.", "roi_head.bbox_head."),
     "detectron": ("conv1_w", "res2_0_branch2a"),
 }
 FORMATS = ("auto", *CONVERTERS, *PLANNED)

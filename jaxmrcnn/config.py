@@ -23,12 +23,16 @@ class InputConfig:
 
     channel_order: str  # order the network expects: "RGB" or "BGR"
     pixel_scale: float  # uint8 values are divided by this first (255: [0, 1] input)
-    mean: tuple[float, float, float]  # in the network's channel order, after pixel_scale
+    # ... then multiplied by this, in float32 (maskrcnn-benchmark's ToTensor then to_bgr255:
+    # x / 255 * 255, which is not always x exactly); 1.0 elsewhere
+    pixel_rescale: float
+    mean: tuple[float, float, float]  # in the network's channel order, after the above
     std: tuple[float, float, float]
     min_size: int  # shortest side after resizing ...
     max_size: int  # ... unless the longest side would exceed this
     # How the output size is computed (see preprocess.resized_size): "torchvision" (floor),
-    # "detectron2" (int(x + 0.5) after capping), "maskrcnn_benchmark", "mmdet".
+    # "detectron2" (int(x + 0.5) after capping), "maskrcnn_benchmark" (round, then floor),
+    # "mmdet" (int(x * scale + 0.5)).
     resize_rule: str
     # Which library's interpolation resizes the pixels, and when: "torch_bilinear" (float
     # image after normalizing, torchvision), "pillow_bilinear" (uint8 before normalizing,
@@ -116,6 +120,13 @@ class ROIHeadsConfig:
     # Detectron2's detector_postprocess: after scaling boxes to the original image, clip
     # them to it and drop those with w or h <= 0.
     clip_to_original: bool
+    # Boxes back to original pixels: "multiply" by original / resized size (torchvision,
+    # Detectron2, maskrcnn-benchmark) or "divide" by the float32 resized / original ratio
+    # (mmdet's bboxes /= scale_factor); the last bit can differ.
+    rescale: str
+    # Order of the returned detections: "score" (descending) or "class" (ascending class
+    # index, then score: maskrcnn-benchmark and Detectron concatenate per-class NMS results).
+    result_order: str
     mask_head_convs: int
     mask_head_norm: str | None
     norm_eps: float
@@ -210,7 +221,7 @@ def torchvision_maskrcnn_r50_fpn(num_classes: int = 91, *, bn_eps: float = 0.0) 
     return ModelConfig(
         name="torchvision_maskrcnn_r50_fpn",
         input=InputConfig(
-            channel_order="RGB", pixel_scale=255.0, mean=(0.485, 0.456, 0.406),
+            channel_order="RGB", pixel_scale=255.0, pixel_rescale=1.0, mean=(0.485, 0.456, 0.406),
             std=(0.229, 0.224, 0.225), min_size=800, max_size=1333,
             resize_rule="torchvision", resize_impl="torch_bilinear", size_divisible=32,
         ),
@@ -238,8 +249,8 @@ def torchvision_maskrcnn_r50_fpn(num_classes: int = 91, *, bn_eps: float = 0.0) 
             fc_dim=1024, conv_dim=256, box_reg="per_class", box_weights=(10.0, 10.0, 5.0, 5.0),
             coder_style="torchvision", box_plus_one=False, score_thresh=0.05, nms_thresh=0.5,
             nms_suppress_equal=False, detections_per_img=100, min_box_size=1e-2,
-            nms_offset_trick_max_boxes=1000, clip_to_original=False, mask_head_convs=4,
-            mask_head_norm=None, norm_eps=1e-5,
+            nms_offset_trick_max_boxes=1000, clip_to_original=False, rescale="multiply", result_order="score",
+            mask_head_convs=4, mask_head_norm=None, norm_eps=1e-5,
         ),
         paste=PasteConfig(method="torchvision", threshold=0.5, strict=True, padding=1),
     )
@@ -272,7 +283,7 @@ def detectron2_mask_rcnn(
     return ModelConfig(
         name=f"detectron2_mask_rcnn_{arch}_FPN",
         input=InputConfig(
-            channel_order="BGR", pixel_scale=1.0, mean=CAFFE_BGR_MEAN,
+            channel_order="BGR", pixel_scale=1.0, pixel_rescale=1.0, mean=CAFFE_BGR_MEAN,
             std=X101_32X8D_BGR_STD if resnext else (1.0, 1.0, 1.0), min_size=800,
             max_size=1333, resize_rule="detectron2", resize_impl="pillow_bilinear",
             size_divisible=32,
@@ -302,7 +313,123 @@ def detectron2_mask_rcnn(
             box_weights=(10.0, 10.0, 5.0, 5.0), coder_style="torchvision", box_plus_one=False,
             score_thresh=0.05, nms_thresh=0.5, nms_suppress_equal=False, detections_per_img=100,
             min_box_size=None, nms_offset_trick_max_boxes=1000, clip_to_original=True,
+            rescale="multiply", result_order="score", mask_head_convs=4, mask_head_norm=None, norm_eps=1e-5,
+        ),
+        paste=PasteConfig(method="detectron2", threshold=0.5, strict=False, padding=0),
+    )
+
+
+DETECTRON_BGR_MEAN = (102.9801, 115.9465, 122.7717)  # Detectron / maskrcnn-benchmark, BGR
+
+
+def maskrcnn_benchmark_mask_rcnn(
+    depth: int = 50, groups: int = 1, width_per_group: int = 64, num_classes: int = 81
+) -> ModelConfig:
+    """maskrcnn-benchmark `e2e_mask_rcnn_{R_50,R_101,X_101_32x8d}_FPN_1x` (its configs +
+    config/defaults.py), as its COCO evaluation runs it: PIL RGB -> Resize (round, then
+    floor) -> ToTensor -> BGR x 255 -> minus the Detectron mean; MSRA ResNet (stride in the
+    1x1, except ResNeXt) with FrozenBatchNorm without epsilon; the legacy +1 box convention
+    everywhere (anchors, coder, clipping to W - 1, level mapping, NMS IoU); ROIAlign v1
+    (sampling 2); background first, per-class NMS loop, results ordered by class; Masker
+    paste (padding 1, > 0.5)."""
+    resnext = groups > 1
+    arch = f"R_{depth}" if not resnext else f"X_{depth}_{groups}x{width_per_group}d"
+    return ModelConfig(
+        name=f"maskrcnn_benchmark_e2e_mask_rcnn_{arch}_FPN",
+        input=InputConfig(
+            channel_order="BGR", pixel_scale=255.0, pixel_rescale=255.0,
+            mean=DETECTRON_BGR_MEAN, std=(1.0, 1.0, 1.0), min_size=800, max_size=1333,
+            resize_rule="maskrcnn_benchmark", resize_impl="pillow_bilinear", size_divisible=32,
+        ),
+        backbone=BackboneConfig(
+            depth=depth, groups=groups, width_per_group=width_per_group,
+            stride_in_1x1=not resnext, norm="frozen_bn", norm_eps=0.0,
+        ),
+        fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
+        anchors=AnchorConfig(
+            sizes=COCO_SIZES, aspect_ratios=RATIOS, flavour="legacy", offset=0.0,
+            stride_rule="nominal",
+        ),
+        rpn=RPNConfig(
+            num_convs=1, pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7,
+            min_size=0.0, min_size_strict=False, score_thresh=0.0,
+            box_weights=(1.0, 1.0, 1.0, 1.0), coder_style="legacy", box_plus_one=True,
+            nms_suppress_equal=True, nms_offset_trick_max_boxes=None,
+        ),
+        pooler=PoolerConfig(
+            box_output_size=7, mask_output_size=14, sampling_ratio=2, aligned=False,
+            level_rule="legacy", max_samples=4,
+        ),
+        roi_heads=ROIHeadsConfig(
+            num_classes=num_classes, background_index=0, box_head="2fc", box_head_norm=None,
+            fc_dim=1024, conv_dim=256, box_reg="per_class", box_weights=(10.0, 10.0, 5.0, 5.0),
+            coder_style="legacy", box_plus_one=True, score_thresh=0.05, nms_thresh=0.5,
+            nms_suppress_equal=True, detections_per_img=100, min_box_size=None,
+            nms_offset_trick_max_boxes=None, clip_to_original=False, rescale="multiply",
+            result_order="class",
             mask_head_convs=4, mask_head_norm=None, norm_eps=1e-5,
+        ),
+        paste=PasteConfig(method="torchvision", threshold=0.5, strict=True, padding=1),
+    )
+
+
+MMDET_RGB_MEAN = (123.675, 116.28, 103.53)  # mmdet pytorch style, RGB
+MMDET_RGB_STD = (58.395, 57.12, 57.375)
+
+
+def mmdet_mask_rcnn(
+    depth: int = 50, groups: int = 1, width_per_group: int = 64, num_classes: int = 81,
+    style: str = "pytorch",
+) -> ModelConfig:
+    """mmdetection (v2 and v3) `mask-rcnn_{r50,r101,x101-32x4d,x101-64x4d}_fpn_1x_coco` and the
+    caffe-style `mask-rcnn_r50-caffe_fpn_1x_coco` (configs/_base_/models/mask-rcnn_r50_fpn.py,
+    _base_/datasets/coco_instance.py): cv2 BGR image -> Resize keep_ratio (int(x + 0.5), cv2
+    bilinear) -> RGB (pytorch style) -> (x - mean) / std; ResNet/ResNeXt with BatchNorm (eval,
+    eps 1e-5), stride in the 3x3 (pytorch) or 1x1 (caffe); unrounded float32 anchors; RPN keeps
+    w, h > 0, mmcv's batched NMS (offsets below 10000 boxes); DeltaXYWHBBoxCoder (stds, clamp
+    both sides); RoIAlign aligned with adaptive sampling, levels by finest scale 56;
+    background last, 4 rows per foreground class; boxes divided by the scale factor;
+    grid_sample paste thresholded at >= 0.5."""
+    if style not in ("pytorch", "caffe"):
+        raise ValueError(f"mmdet ResNet style must be 'pytorch' or 'caffe', got {style!r}")
+    caffe = style == "caffe"
+    resnext = groups > 1
+    arch = f"r{depth}" if not resnext else f"x{depth}-{groups}x{width_per_group}d"
+    return ModelConfig(
+        name=f"mmdet_mask-rcnn_{arch}{'-caffe' if caffe else ''}_fpn",
+        input=InputConfig(
+            channel_order="BGR" if caffe else "RGB", pixel_scale=1.0, pixel_rescale=1.0,
+            mean=CAFFE_BGR_MEAN if caffe else MMDET_RGB_MEAN,
+            std=(1.0, 1.0, 1.0) if caffe else MMDET_RGB_STD, min_size=800, max_size=1333,
+            resize_rule="mmdet", resize_impl="opencv_linear", size_divisible=32,
+        ),
+        backbone=BackboneConfig(
+            depth=depth, groups=groups, width_per_group=width_per_group, stride_in_1x1=caffe,
+            norm="frozen_bn", norm_eps=1e-5,
+        ),
+        fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
+        anchors=AnchorConfig(
+            sizes=COCO_SIZES, aspect_ratios=RATIOS, flavour="mmdet", offset=0.0,
+            stride_rule="nominal",
+        ),
+        rpn=RPNConfig(
+            num_convs=1, pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7,
+            min_size=0.0, min_size_strict=True, score_thresh=0.0,
+            box_weights=(1.0, 1.0, 1.0, 1.0), coder_style="mmdet", box_plus_one=False,
+            nms_suppress_equal=False, nms_offset_trick_max_boxes=9999,
+        ),
+        pooler=PoolerConfig(
+            box_output_size=7, mask_output_size=14, sampling_ratio=0, aligned=True,
+            level_rule="mmdet", max_samples=4,
+        ),
+        roi_heads=ROIHeadsConfig(
+            num_classes=num_classes, background_index=num_classes - 1, box_head="2fc",
+            box_head_norm=None, fc_dim=1024, conv_dim=256, box_reg="per_foreground_class",
+            box_weights=(10.0, 10.0, 5.0, 5.0), coder_style="mmdet", box_plus_one=False,
+            score_thresh=0.05, nms_thresh=0.5, nms_suppress_equal=False, detections_per_img=100,
+            min_box_size=None, nms_offset_trick_max_boxes=9999, clip_to_original=False,
+            rescale="divide", result_order="score", mask_head_convs=4, mask_head_norm=None,
+            norm_eps=1e-5,
         ),
         paste=PasteConfig(method="detectron2", threshold=0.5, strict=False, padding=0),
     )
@@ -320,4 +447,22 @@ PRESETS = {
         101, num_classes=num_classes),
     "detectron2/mask_rcnn_X_101_32x8d_FPN_3x": lambda num_classes=81: detectron2_mask_rcnn(
         101, 32, 8, num_classes=num_classes),
+    # maskrcnn-benchmark MODEL_ZOO names.
+    "maskrcnn_benchmark/e2e_mask_rcnn_R_50_FPN_1x": lambda num_classes=81: (
+        maskrcnn_benchmark_mask_rcnn(50, num_classes=num_classes)),
+    "maskrcnn_benchmark/e2e_mask_rcnn_R_101_FPN_1x": lambda num_classes=81: (
+        maskrcnn_benchmark_mask_rcnn(101, num_classes=num_classes)),
+    "maskrcnn_benchmark/e2e_mask_rcnn_X_101_32x8d_FPN_1x": lambda num_classes=81: (
+        maskrcnn_benchmark_mask_rcnn(101, 32, 8, num_classes=num_classes)),
+    # mmdetection config names (v2 and v3 zoo files hold the same weights).
+    "mmdet/mask-rcnn_r50_fpn_1x_coco": lambda num_classes=81: mmdet_mask_rcnn(
+        50, num_classes=num_classes),
+    "mmdet/mask-rcnn_r50-caffe_fpn_1x_coco": lambda num_classes=81: mmdet_mask_rcnn(
+        50, num_classes=num_classes, style="caffe"),
+    "mmdet/mask-rcnn_r101_fpn_1x_coco": lambda num_classes=81: mmdet_mask_rcnn(
+        101, num_classes=num_classes),
+    "mmdet/mask-rcnn_x101-32x4d_fpn_1x_coco": lambda num_classes=81: mmdet_mask_rcnn(
+        101, 32, 4, num_classes=num_classes),
+    "mmdet/mask-rcnn_x101-64x4d_fpn_1x_coco": lambda num_classes=81: mmdet_mask_rcnn(
+        101, 64, 4, num_classes=num_classes),
 }

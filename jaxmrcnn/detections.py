@@ -19,7 +19,8 @@ def box_detections(cfg: ROIHeadsConfig, class_logits, box_deltas, proposals, pro
     """class_logits `[B, R, K]`, box_deltas `[B, R, G, 4]` (G per cfg.box_reg), proposals
     `[B, R, 4]`, prop_valid `[B, R]`, image_hw `[B, 2]` ->
     boxes `[B, D, 4]`, scores `[B, D]`, labels `[B, D]` (class index in the checkpoint's
-    numbering), valid `[B, D]`, with D = detections_per_img, sorted by score."""
+    numbering), valid `[B, D]`, rois `[B, D]` (the proposal each came from), with
+    D = detections_per_img, sorted by score."""
     b, r, k = class_logits.shape
     legacy = cfg.box_plus_one
     coder = ops.BoxCoder(cfg.box_weights, style=cfg.coder_style)
@@ -58,4 +59,5 @@ def box_detections(cfg: ROIHeadsConfig, class_logits, box_deltas, proposals, pro
         jnp.where(det_valid, det_scores, 0.0),
         jnp.where(det_valid, det_labels, 0),
         det_valid,
+        jnp.where(det_valid, idx // (k - 1), 0),
     )

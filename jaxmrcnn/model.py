@@ -99,7 +99,7 @@ class MaskRCNN(nn.Module):
         class_logits, box_deltas = self.box_predictor(x)
         class_logits = class_logits.reshape(b, r, -1)
         box_deltas = box_deltas.reshape(b, r, -1, 4)  # [B, R, G, 4]
-        det_boxes, det_scores, det_labels, det_valid = box_detections(
+        det_boxes, det_scores, det_labels, det_valid, det_rois = box_detections(
             cfg.roi_heads, class_logits, box_deltas, proposals, prop_valid, image_hw
         )
 
@@ -117,9 +117,18 @@ class MaskRCNN(nn.Module):
         masks = jax.nn.sigmoid(mask_logits).reshape((b, d) + mask_logits.shape[1:])
 
         # Back to original-image pixels, x and y scaled separately.
-        ratio = info["orig_hw"].astype(jnp.float32) / image_hw.astype(jnp.float32)  # [B, 2]
+        orig_f, image_f = info["orig_hw"].astype(jnp.float32), image_hw.astype(jnp.float32)
+        if cfg.roi_heads.rescale == "multiply":
+            ratio = orig_f / image_f  # [B, 2]
+        elif cfg.roi_heads.rescale == "divide":
+            ratio = image_f / orig_f  # mmdet's scale_factor
+        else:
+            raise ValueError(f"rescale must be 'multiply' or 'divide', got {cfg.roi_heads.rescale!r}")
         scale = jnp.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], axis=-1)
-        out_boxes = det_boxes * scale[:, None, :]
+        if cfg.roi_heads.rescale == "multiply":
+            out_boxes = det_boxes * scale[:, None, :]
+        else:
+            out_boxes = det_boxes / scale[:, None, :]
         out_valid = det_valid
         if cfg.roi_heads.clip_to_original:  # Detectron2's detector_postprocess
             oh, ow = info["orig_hw"][:, None, 0], info["orig_hw"][:, None, 1]
@@ -129,8 +138,18 @@ class MaskRCNN(nn.Module):
         detections = dict(
             boxes=out_boxes, scores=det_scores, labels=det_labels, masks=masks, valid=out_valid
         )
-        if cfg.roi_heads.clip_to_original:  # valid detections first, order kept
-            order = jnp.argsort(~out_valid, axis=1, stable=True)  # [B, D]
+        if cfg.roi_heads.result_order not in ("score", "class"):
+            raise ValueError(f"result_order must be 'score' or 'class', got "
+                             f"{cfg.roi_heads.result_order!r}")
+        if cfg.roi_heads.clip_to_original or cfg.roi_heads.result_order == "class":
+            # Valid detections first; for "class", by class index, then by proposal index (the
+            # order maskrcnn-benchmark's per-class CPU NMS returns); else the score order kept.
+            if cfg.roi_heads.result_order == "class":
+                key = det_labels * (proposals.shape[1] + 1) + det_rois
+            else:
+                key = jnp.zeros_like(det_labels)
+            key = jnp.where(out_valid, key, jnp.iinfo(jnp.int32).max)
+            order = jnp.argsort(key, axis=1, stable=True)  # [B, D]
             detections = {
                 k: jnp.take_along_axis(v, order.reshape(order.shape + (1,) * (v.ndim - 2)), axis=1)
                 for k, v in detections.items()

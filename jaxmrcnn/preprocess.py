@@ -12,6 +12,10 @@ Detectron2 (DefaultPredictor + ResizeShortestEdge, data/transforms/augmentation_
     scale the short side to min_size, then cap the long side at max_size, each side
     int(x + 0.5); Pillow bilinear on the uint8 image (ResizeTransform.apply_image) -> BGR
     float -> (x - mean) / std -> zero-pad to a multiple of 32.
+maskrcnn-benchmark (COCO evaluation: PIL image -> Resize.get_size): short side min_size,
+    or round(max_size * short / long) when the long side would pass max_size; the long side
+    int(size * long / short) (floor); Pillow bilinear on uint8 -> ToTensor (/ 255) -> BGR x 255
+    -> (x - mean) / std -> zero-pad to a multiple of 32.
 mmdet (Resize keep_ratio, mmcv.imrescale): scale = min(max_size / long, min_size / short),
     each side int(x * scale + 0.5); OpenCV INTER_LINEAR on the uint8 image -> normalize ->
     zero-pad.
@@ -26,7 +30,7 @@ import numpy as np
 
 from jaxmrcnn.config import InputConfig
 
-RESIZE_RULES = ("torchvision", "detectron2", "mmdet")
+RESIZE_RULES = ("torchvision", "detectron2", "maskrcnn_benchmark", "mmdet")
 RESIZE_IMPLS = ("torch_bilinear", "pillow_bilinear", "opencv_linear")
 
 
@@ -74,6 +78,14 @@ def resized_size(h: int, w: int, cfg: InputConfig) -> tuple[int, int]:
             scale = cfg.max_size * 1.0 / max(newh, neww)
             newh, neww = newh * scale, neww * scale
         return int(newh + 0.5), int(neww + 0.5)
+    if cfg.resize_rule == "maskrcnn_benchmark":  # data/transforms/transforms.py Resize.get_size
+        size = cfg.min_size
+        short, long_ = float(min(h, w)), float(max(h, w))
+        if long_ / short * size > cfg.max_size:
+            size = int(round(cfg.max_size * short / long_))
+        if (w <= h and w == size) or (h <= w and h == size):
+            return h, w
+        return (int(size * h / w), size) if w < h else (size, int(size * w / h))
     if cfg.resize_rule == "mmdet":  # mmcv.rescale_size with a (max_size, min_size) scale
         scale = min(cfg.max_size / max(h, w), cfg.min_size / min(h, w))
         return int(h * float(scale) + 0.5), int(w * float(scale) + 0.5)
@@ -149,6 +161,8 @@ def normalize(x: np.ndarray, cfg: InputConfig) -> np.ndarray:
     """uint8 RGB `[H, W, 3]` -> float32 in the network's channel order, (x / s - mean) / std."""
     x = x if cfg.channel_order == "RGB" else x[:, :, ::-1]
     x = x.astype(np.float32) / np.float32(cfg.pixel_scale)
+    if cfg.pixel_rescale != 1.0:
+        x = x * np.float32(cfg.pixel_rescale)
     return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
 
 

@@ -8,7 +8,10 @@ Anchor index `a` follows the aspect ratios (h / w) given, for a single size per 
 Cell anchor flavours (P2, size 32, ratio 0.5):
   "torchvision": w = size / sqrt(r), h = size * sqrt(r), box (-w/2, -h/2, w/2, h/2) computed
       in float32 and rounded half-to-even: (-23, -11, 23, 11).
-  "detectron2": the same geometry unrounded (also mmdet >= 2): (-22.627, -11.314, 22.627, 11.314).
+  "detectron2": the same geometry unrounded, in float64 then cast (Detectron2's
+      DefaultAnchorGenerator): (-22.627, -11.314, 22.627, 11.314).
+  "mmdet": torchvision's float32 arithmetic without the rounding (mmdet >= 2 AnchorGenerator:
+      w = stride * (1 / sqrt(r)) * scale in float32); equal to "detectron2" up to the last bit.
   "legacy": Detectron / maskrcnn-benchmark `generate_anchors`: a (0, 0, stride-1, stride-1)
       reference window, widths rounded, +1 sizes: (-22, -10, 25, 13).
 """
@@ -23,7 +26,7 @@ import numpy as np
 
 from jaxmrcnn.ops._checks import check_choice
 
-ANCHOR_FLAVOURS = ("torchvision", "detectron2", "legacy")
+ANCHOR_FLAVOURS = ("torchvision", "detectron2", "mmdet", "legacy")
 
 
 def cell_anchors(
@@ -39,8 +42,9 @@ def cell_anchors(
     ratios = [float(r) for r in aspect_ratios]
     if not ratios or any(r <= 0 for r in ratios):
         raise ValueError(f"aspect_ratios must be positive numbers, got {aspect_ratios!r}")
-    if flavour == "torchvision":
-        # float32 throughout, as torchvision's AnchorGenerator.generate_anchors.
+    if flavour in ("torchvision", "mmdet"):
+        # float32 throughout, as torchvision's AnchorGenerator.generate_anchors and mmdet's
+        # AnchorGenerator.gen_single_level_base_anchors (x_center - 0.5 * ws == -ws / 2).
         ar = np.asarray(ratios, np.float32)
         scale = np.float32(size)
         h_ratios = np.sqrt(ar)
@@ -48,7 +52,7 @@ def cell_anchors(
         ws = w_ratios * scale
         hs = h_ratios * scale
         base = np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2)
-        return np.round(base).astype(np.float32)
+        return (np.round(base) if flavour == "torchvision" else base).astype(np.float32)
     if flavour == "detectron2":
         out = []
         area = float(size) ** 2.0

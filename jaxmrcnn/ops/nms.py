@@ -169,7 +169,7 @@ def nms(
     iou_threshold: a Python float (static).
     max_output: K, the static number of output slots.
     legacy:  +1 box sizes (maskrcnn-benchmark / Detectron).
-    suppress_equal: suppress when IoU >= threshold (Detectron, maskrcnn-benchmark CPU).
+    suppress_equal: suppress when IoU >= float32(threshold) (maskrcnn-benchmark's CPU kernel).
     prefilter: C, candidates taken by top-k before the loop for large N (see the module
              docstring; a speed knob, results do not depend on it); 0 disables it.
 
@@ -196,7 +196,9 @@ def nms(
     elif tuple(classes.shape) != tuple(lead):
         raise ValueError(f"classes must have shape {lead}, got {tuple(classes.shape)}")
 
-    thr = float32_threshold(iou_threshold)
+    # `>`: torchvision compares the float IoU with a double threshold; `>=`: maskrcnn-benchmark's
+    # CPU kernel compares it with a C float (csrc/nms.h), i.e. with float32(thr).
+    thr = np.float32(iou_threshold) if suppress_equal else float32_threshold(iou_threshold)
     def core(b, s, v, c):  # one set: [N, 4], [N], [N], [N]
         return _nms_single(
             b, s, v.astype(bool), c, thr=thr, max_output=max_output, tile=tile,
