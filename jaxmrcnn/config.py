@@ -373,6 +373,19 @@ def maskrcnn_benchmark_mask_rcnn(
     )
 
 
+def detectron_mask_rcnn(
+    depth: int = 50, groups: int = 1, width_per_group: int = 64, num_classes: int = 81
+) -> ModelConfig:
+    """Detectron (Caffe2) `e2e_mask_rcnn_{R-50,R-101,X-101-32x8d}-FPN_1x` weights as
+    maskrcnn-benchmark runs them (its configs/caffe2/*_caffe2.yaml, the faithful way to run
+    Detectron weights in PyTorch): maskrcnn-benchmark's inference with AffineChannel norms
+    (y = x * s + b, the `*_bn_s` / `*_bn_b` blobs, no running statistics)."""
+    mb = maskrcnn_benchmark_mask_rcnn(depth, groups, width_per_group, num_classes)
+    resnext = groups > 1
+    arch = f"R-{depth}" if not resnext else f"X-{depth}-{groups}x{width_per_group}d"
+    return mb.replace(name=f"detectron_e2e_mask_rcnn_{arch}-FPN", backbone=dict(norm="affine"))
+
+
 MMDET_RGB_MEAN = (123.675, 116.28, 103.53)  # mmdet pytorch style, RGB
 MMDET_RGB_STD = (58.395, 57.12, 57.375)
 
@@ -454,6 +467,13 @@ PRESETS = {
         maskrcnn_benchmark_mask_rcnn(101, num_classes=num_classes)),
     "maskrcnn_benchmark/e2e_mask_rcnn_X_101_32x8d_FPN_1x": lambda num_classes=81: (
         maskrcnn_benchmark_mask_rcnn(101, 32, 8, num_classes=num_classes)),
+    # Detectron (Caffe2) model zoo names.
+    "detectron/e2e_mask_rcnn_R-50-FPN_1x": lambda num_classes=81: detectron_mask_rcnn(
+        50, num_classes=num_classes),
+    "detectron/e2e_mask_rcnn_R-101-FPN_1x": lambda num_classes=81: detectron_mask_rcnn(
+        101, num_classes=num_classes),
+    "detectron/e2e_mask_rcnn_X-101-32x8d-FPN_1x": lambda num_classes=81: detectron_mask_rcnn(
+        101, 32, 8, num_classes=num_classes),
     # mmdetection config names (v2 and v3 zoo files hold the same weights).
     "mmdet/mask-rcnn_r50_fpn_1x_coco": lambda num_classes=81: mmdet_mask_rcnn(
         50, num_classes=num_classes),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -26,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmrcnn import ops
-from jaxmrcnn.checkpoint import Checkpoint, load_checkpoint
+from jaxmrcnn.checkpoint import MAGIC, Checkpoint, load_checkpoint
 from jaxmrcnn.config import ModelConfig
 from jaxmrcnn.model import MaskRCNN
 from jaxmrcnn.preprocess import Prepared, batch, prepare
-from jaxmrcnn.programs import ProgramCache
+from jaxmrcnn.programs import ProgramCache, source_digest
 
 
 @dataclasses.dataclass
@@ -254,5 +255,64 @@ class Detector:
 
 
 def load(path, **kwargs) -> Detector:
-    """Loads a converted checkpoint (see converters/from_torch.py) into a Detector."""
-    return Detector(load_checkpoint(path), **kwargs)
+    """A Detector from a converted checkpoint (converters/from_torch.py), or directly from a
+    framework's own checkpoint file (torchvision, Detectron2, mmdet, maskrcnn-benchmark,
+    Detectron), which is converted in memory once and cached (see `converted_checkpoint`)."""
+    return Detector(read_any_checkpoint(path), **kwargs)
+
+
+def read_any_checkpoint(path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if is_jaxmrcnn_checkpoint(head):
+        return load_checkpoint(path)
+    return converted_checkpoint(path)
+
+
+def is_jaxmrcnn_checkpoint(head: bytes) -> bool:
+    """Whether a file's first bytes are a jaxmrcnn checkpoint's (a msgpack map holding the
+    magic string; framework checkpoints are zip archives or pickles)."""
+    return MAGIC.encode() in head
+
+
+def converted_checkpoint(path) -> Checkpoint:
+    """A framework checkpoint converted (converters/from_torch.py, which needs PyTorch for
+    .pth files), cached as a jaxmrcnn checkpoint under `<cache>/converted/`, keyed by the
+    file's sha256 and the converters' source, so the next load skips the conversion."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    converters_dir = Path(__file__).resolve().parent.parent / "converters"
+    for src in sorted(converters_dir.glob("*.py")):
+        digest.update(src.read_bytes())
+    digest.update(source_digest().encode())
+    cache = _cache_root() / "converted" / f"{path.name.split('.')[0]}-{digest.hexdigest()[:20]}.msgpack"
+    if cache.is_file():
+        try:
+            return load_checkpoint(cache)
+        except ValueError:  # damaged: convert again
+            pass
+    try:
+        from converters.from_torch import convert_file
+    except ImportError as e:
+        raise ImportError(
+            f"{path} is not a jaxmrcnn checkpoint; converting a framework checkpoint needs the "
+            f"repository's converters (and PyTorch for .pth files): {e}"
+        ) from None
+    ckpt, _ = convert_file(path)
+    try:
+        ckpt.save(cache)
+    except OSError as e:  # a read-only cache: converted again next time
+        warnings.warn(f"could not cache the converted checkpoint at {cache}: {e}", stacklevel=3)
+    return ckpt
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("JAXMRCNN_CACHE_DIR") or Path.home() / ".cache" / "jaxmrcnn")

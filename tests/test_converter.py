@@ -228,3 +228,38 @@ def test_existing_output_survives_a_failed_conversion(tv_state_dicts, tmp_path):
     bad = _bad_file("truncated", tmp_path, tv_state_dicts["v1"])
     assert cli_main([str(bad), "--out", str(out)]) == 1
     assert out.read_bytes() == b"previous result"
+
+
+def test_load_accepts_a_framework_checkpoint_and_caches_it(v1_file, tmp_path, monkeypatch):
+    """jaxmrcnn.load(file.pth) converts in memory (as Detectron2's predictor loads its own
+    files); the second load reads the cached conversion instead of converting again."""
+    import converters.from_torch as ft
+
+    monkeypatch.setenv("JAXMRCNN_CACHE_DIR", str(tmp_path / "cache"))
+    det = jaxmrcnn.load(v1_file, compilation_cache=False)
+    assert det.config.name == "torchvision_maskrcnn_r50_fpn" and len(det.classes) == 91
+    cached = list((tmp_path / "cache" / "converted").glob("*.msgpack"))
+    assert len(cached) == 1
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again instead of using the cache")
+
+    monkeypatch.setattr(ft, "convert_file", no_conversion)
+    again = jaxmrcnn.load(v1_file, compilation_cache=False)
+    a, b = dict(_flat(det.params)), dict(_flat(again.params))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_legacy_torch_serialization_is_read(tv_state_dicts, tmp_path):
+    """PyTorch < 1.6 files (non-zip; maskrcnn-benchmark's and Matterport's zoo files) start
+    with a pickle byte but are torch.save files: torch.load(weights_only=True) reads them."""
+    path = tmp_path / "legacy.pth"
+    torch.save(tv_state_dicts["v1"], path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    ckpt, summary = convert_file(path)
+    assert "torchvision" in summary[0] and ckpt.config.roi_heads.num_classes == 91
+
+
+def test_format_flag_that_contradicts_the_keys_is_refused(v1_file):
+    with pytest.raises(ConversionError, match="--format detectron2 was asked for"):
+        convert_file(v1_file, fmt="detectron2")

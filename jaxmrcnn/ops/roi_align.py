@@ -21,21 +21,36 @@ x part, and the sample grid is a tensor product, so
     out[p, q, :] = sum_a sum_b Wy[p, a] Wx[q, b] F[row[p, a], col[q, b], :] / count
 
 with a short list of taps per output row (and column):
-  * sampling_ratio > 0: 2 taps per sample (lo, hi), 2 * sr per bin. Exact for any ROI.
-  * sampling_ratio = 0 (adaptive): g <= ceil(bin) samples lie within one bin, so they touch
-    at most G + 1 consecutive rows from the first sample's `lo`: a band of G + 1 taps, where
-    G = `max_samples` is a static cap. Exact for every ROI whose g <= G; an ROI that needs
-    more samples per bin is computed with its first G samples only, and counted in the
-    returned `overflow` (so tests and users can see it). With FPN level assignment a square
-    ROI has g <= 4 for 7x7 output and g <= 2 for 14x14; elongated ROIs (a 1333 x 9 px box)
-    can need far more: raise `max_samples` (cost grows as (G + 1)^2) when `overflow` > 0.
+  * sampling_ratio > 0: 2 taps per sample (lo, hi), 2 * sr per bin. One work item per ROI.
+  * sampling_ratio = 0 (adaptive): the g samples of a bin split into chunks of
+    G = `max_samples` consecutive samples (chunk k: i in [kG, kG + G)), and each chunk is
+    read as a band of G + 1 consecutive rows from the `lo` of its first sample. Why the band
+    holds every tap: samples are bin / g <= 1 apart (g = ceil(bin) >= bin), so the chunk's
+    samples span s <= G - 1; floor(y + s) - floor(y) <= ceil(s), so their `lo` rows lie
+    within G - 1 rows of the first one and their `hi = lo + 1` rows within G. Clamping
+    (y = max(y, 0), lo = hi = H - 1 at the far edge) only pulls rows together; a first
+    sample below -1 (weight 0, lo forced to 0) leaves the others at y < G - 2, i.e. rows
+    0 .. G - 2. An ROI with cy = ceil(gy / G) chunks along y and cx along x is cy * cx work
+    items (ky, kx), each (G + 1) x (G + 1) taps per bin; their sum divided by gy * gx is the
+    result, exact for every ROI. A square ROI on its canonical FPN level (14 to 28 feature
+    px) needs one item at 7x7 with G = 4; a 1333 x 9 px box on P2 (gx = 48) needs 12; the
+    item counts are capped only for ROIs tens of thousands of feature px long (int32
+    bounds), which would be truncated. In float the coordinates are rounded exactly as in
+    the reference (see `_div`, `_mul`); a chunk's span can exceed G - 1 only by that
+    rounding, and a tap pushed out of the band then weighs at most the excess (a few ulps
+    of the coordinate).
 
-All levels are flattened into one `[sum_l B * H_l * W_l, C]` array and read with a single
-gather per chunk of ROIs (`chunk` ROIs at a time, to stay in cache on CPU).
+Work items run `chunk` at a time in one loop whose trip count is data (sum over levels of
+ceil(items on the level / chunk)), so shapes and the program are static and nothing leaves
+the device: ROIs are ordered by level, their item counts summed cumulatively, and item t
+belongs to the ROI whose range holds t. Every trip holds items of one level and gathers
+straight from that level's `[B * H * W, C]` view (a `lax.switch` over levels; no copy of
+the pyramid), then adds its `[chunk, PH, PW, C]` blocks into the output.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -45,8 +60,7 @@ from jaxmrcnn.ops._checks import check_boxes, check_choice, check_positive_int, 
 
 LEVEL_RULES = ("torchvision", "detectron2", "legacy", "mmdet")
 _MAX_GRID = 2**30  # adaptive samples per bin beyond this are clipped (never reached in practice)
-_CHUNK = 8  # default ROIs per main-pass step (benchmarks/ops.py)
-_TAIL_ITEMS = 16  # adaptive tail work items per loop trip (benchmarks/ops.py)
+_CHUNK = 16  # default work items per loop trip (benchmarks/ops.py)
 _UNROLL = 64  # _pool: unroll up to this many taps per bin
 
 
@@ -89,21 +103,43 @@ def assign_levels(
     return (lvl - min_level).astype(jnp.int32)
 
 
+def _div(a, b):
+    """`a / b`, correctly rounded like the reference kernel's float division.
+
+    XLA rewrites a division by a broadcast value into a multiplication by its reciprocal,
+    which is off by an ulp for about half of all quotients (ceil(21 / 7) becomes 4); a divisor
+    materialized at the dividend's shape behind an optimization barrier keeps the division.
+    """
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, jnp.shape(a)).astype(a.dtype))
+
+
+def _mul(a, b):
+    """`a * b` rounded on its own before the sum it feeds, as in the reference kernel.
+
+    XLA's CPU backend lets LLVM fuse a product and a following sum into one fused
+    multiply-add (rounded once): an ulp off in a sample coordinate, which moves a bilinear
+    sample by ~1e-5 px at coordinates ~300. Multiplying by a runtime 1 (0 only for NaN, which
+    stays NaN) leaves a contraction `fma(a * b, one, c)` that rounds the product first.
+    """
+    prod = a * b
+    return prod * (prod == prod).astype(prod.dtype)
+
+
 def _axis_grid(lo_edge, hi_edge, *, pooled, scale, sampling_ratio, aligned):
     """Per-ROI sample grid along one axis, as the reference kernel: `(start, bin_size, g)`.
 
     lo_edge, hi_edge: `[N]` ROI coordinates in image pixels; `g [N]` int32 samples per bin.
     """
     off = 0.5 if aligned else 0.0
-    start = lo_edge * scale - off  # [N]
-    size = hi_edge * scale - off - start
+    start = _mul(lo_edge, scale) - off  # [N]
+    size = _mul(hi_edge, scale) - off - start
     if not aligned:
         size = jnp.maximum(size, 1.0)
-    bin_size = size / pooled  # [N]
+    bin_size = _div(size, pooled)  # [N]
     if sampling_ratio > 0:
         g = jnp.full(start.shape, sampling_ratio, jnp.int32)
     else:
-        g = jnp.ceil(size / pooled)
+        g = jnp.ceil(bin_size)  # the reference's ceil(size / pooled)
         # NaN / infinite sizes (degenerate boxes) get no samples: their output is 0.
         g = jnp.where(jnp.isfinite(g), jnp.clip(g, 0, _MAX_GRID), 0).astype(jnp.int32)
     return start, bin_size, g
@@ -125,9 +161,9 @@ def _axis_taps(start, bin_size, g, extent, first, *, pooled, n_samples, band):
     i_int = first[:, None] + jnp.arange(n_samples, dtype=jnp.int32)  # [N, S]
     i = i_int.astype(dt) + 0.5
     gf = jnp.maximum(g, 1).astype(dt)[:, None, None]
-    # Same operation order as the reference kernel.
-    y = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) + (
-        i[:, None, :] * bin_size[:, None, None] / gf
+    # Same operations, in the same order, as the reference kernel.
+    y = (start[:, None, None] + _mul(p[None, :, None], bin_size[:, None, None])) + _div(
+        i[:, None, :] * bin_size[:, None, None], gf
     )  # [N, P, S]
     inside = (y >= -1.0) & (y <= extent_f[:, None, None]) & (i_int < g[:, None])[:, None, :]
     y = jnp.maximum(y, 0.0)
@@ -161,18 +197,19 @@ def _pool(flat, rows, wy, cols, wx):
 
     flat `[M, C]`; rows, wy `[k, P, Ty]`; cols, wx `[k, Q, Tx]` -> `[k, P, Q, C]`. Written as
     Ty * Tx gathers of `[k, P, Q, C]` that XLA fuses with the multiply-adds into one loop
-    over the output, so the taps are never materialized (on CPU about 3x faster than one
-    gather followed by two contractions; benchmarks/ops.py). Past `_UNROLL` terms the rows
-    run in a loop (compile time).
+    over the output, so the taps are never materialized (measured 2-3x faster on CPU than
+    one gather of all taps followed by two contractions). Past `_UNROLL` terms the rows run
+    in a loop, to bound the program size.
     """
     ty, tx = rows.shape[-1], cols.shape[-1]
+    k, p, q, c = rows.shape[0], rows.shape[1], cols.shape[1], flat.shape[1]
 
     def row_sum(r, w_r):  # one row tap of every output row: [k, P]
         acc = 0.0
         for b in range(tx):
-            idx = r[:, :, None] + cols[:, None, :, b]  # [k, P, Q]
-            w = w_r[:, :, None] * wx[:, None, :, b]
-            acc = acc + w[..., None] * jnp.take(flat, idx, axis=0, mode="clip")
+            idx = (r[:, :, None] + cols[:, None, :, b]).reshape(-1)  # 1-D: no index copies
+            taps = jnp.take(flat, idx, axis=0, mode="clip").reshape(k, p, q, c)
+            acc = acc + (w_r[:, :, None] * wx[:, None, :, b])[..., None] * taps
         return acc
 
     if ty * tx <= _UNROLL:
@@ -186,52 +223,8 @@ def _pool(flat, rows, wy, cols, wx):
         w_r = jax.lax.dynamic_index_in_dim(wy, a, axis=2, keepdims=False)
         return out + row_sum(r, w_r)
 
-    zeros = jnp.zeros(rows.shape[:2] + (cols.shape[1], flat.shape[1]), flat.dtype)
+    zeros = jnp.zeros((k, p, q, c), flat.dtype)
     return jax.lax.fori_loop(0, ty, body, zeros)
-
-
-def _adaptive_tail(out, flat, grid_y, grid_x, ext_h, ext_w, base, canvas_w, count, *, g_cap):
-    """Adds the samples past the first `g_cap` per bin and axis (adaptive mode) to `out`.
-
-    Along each axis the samples of a bin split into chunks of G = `g_cap`: chunk k holds
-    samples [kG, kG + G). An ROI with cy chunks along y and cx along x has cy * cx - 1 work
-    items (ky, kx) besides the main pass's (0, 0). All ROIs' items are numbered with a
-    cumulative sum (item t belongs to the ROI whose range holds t) and run `_TAIL_ITEMS` at a
-    time in a while loop of ceil(total / _TAIL_ITEMS) trips: no trip when no ROI needs one.
-
-    out `[N, PH, PW, C]`; grid_*: `(start, bin_size, g)` per ROI; the rest `[N]`.
-    Returns `(out, n_rois_with_items)`.
-    """
-    n, ph, pw, _ = out.shape
-    gy, gx = grid_y[2], grid_x[2]
-    # Chunks per axis, capped so that item numbers stay far inside int32 (the caps only bind
-    # for ROIs tens of thousands of feature pixels long).
-    cy = jnp.clip(-(-gy // g_cap), 1, 2**15)
-    cx = jnp.clip(-(-gx // g_cap), 1, 2**15)
-    extra = jnp.minimum(cy * cx - 1, (2**30) // n)  # [N] items per ROI
-    ends = jnp.cumsum(extra)  # item t belongs to the first ROI with ends > t
-    total = ends[-1]
-    m = _TAIL_ITEMS
-    kw = dict(n_samples=g_cap, band=g_cap + 1)
-
-    def body(state):
-        trip, acc = state
-        t = trip * m + jnp.arange(m, dtype=jnp.int32)
-        valid = t < total
-        roi = jnp.minimum(jnp.searchsorted(ends, t, side="right"), n - 1).astype(jnp.int32)
-        local = t - (ends[roi] - extra[roi]) + 1  # 1 .. cy * cx - 1: item 0 is the main pass
-        ky, kx = local // cx[roi], local % cx[roi]
-        sy, by, g_y = (v[roi] for v in grid_y)
-        sx, bx, g_x = (v[roi] for v in grid_x)
-        ry, wy = _axis_taps(sy, by, g_y, ext_h[roi], ky * g_cap, pooled=ph, **kw)
-        rx, wx = _axis_taps(sx, bx, g_x, ext_w[roi], kx * g_cap, pooled=pw, **kw)
-        wy = jnp.where(valid[:, None, None], wy, 0.0)
-        rows = base[roi][:, None, None] + ry * canvas_w[roi][:, None, None]
-        part = _pool(flat, rows, wy, rx, wx) / count[roi][:, None, None, None]
-        return trip + 1, acc.at[roi].add(part)
-
-    _, out = jax.lax.while_loop(lambda s: s[0] * m < total, body, (jnp.int32(0), out))
-    return out, jnp.sum((extra > 0).astype(jnp.int32))
 
 
 def roi_align(
@@ -262,14 +255,15 @@ def roi_align(
              level's FPN index). A single level needs neither.
     valid_hw: `[B, L, 2]` per-image valid map sizes (H, W) used for the border rules, for
              images padded into a larger canvas; default: each level's full size.
-    max_samples: adaptive mode's chunk G: samples per bin and axis in the main pass (band of
-             G + 1 taps); ROIs that need more take extra passes. A speed knob only: the
-             result is exact for any value.
-    chunk: ROIs per step of the main pass (a speed knob; results do not depend on it).
+    max_samples: adaptive mode's chunk G of samples per bin and axis per work item (a band
+             of G + 1 taps); ROIs that need more samples take more items. A speed knob only:
+             the result is exact for any value.
+    chunk: work items per loop trip (a speed knob; results do not depend on it).
 
     Returns `(out [B, R, PH, PW, C], overflow [] int32)`; `overflow` counts the ROIs that
-    needed the adaptive tail (more than `max_samples` samples per bin along an axis); it is
-    informational, the result is exact regardless (always 0 when sampling_ratio > 0).
+    took more than one work item (more than `max_samples` adaptive samples per bin along an
+    axis). It is informational: the result is exact regardless. Always 0 when
+    sampling_ratio > 0.
     """
     if isinstance(features, jax.Array) or not isinstance(features, (list, tuple)):
         features = [features]
@@ -314,16 +308,15 @@ def roi_align(
             )
     levels = jnp.clip(levels.astype(jnp.int32), 0, n_levels - 1)
 
-    shapes = [f.shape[1:3] for f in features]
-    sizes = [b * h * w for h, w in shapes]
-    offsets = [sum(sizes[:i]) for i in range(n_levels)]
-    flat = jnp.concatenate([f.reshape(-1, c) for f in features], axis=0)  # [sum B*H*W, C]
-
+    shapes = [tuple(f.shape[1:3]) for f in features]
     if valid_hw is None:
         valid_hw = jnp.broadcast_to(jnp.asarray(shapes, jnp.int32), (b, n_levels, 2))
     valid_hw = jnp.asarray(valid_hw, jnp.int32)
     if valid_hw.shape != (b, n_levels, 2):
         raise ValueError(f"valid_hw must have shape {(b, n_levels, 2)}, got {valid_hw.shape}")
+    if chunk is None:
+        chunk = _CHUNK
+    check_positive_int("chunk", chunk)
 
     n = b * r
     if n == 0:
@@ -332,9 +325,8 @@ def roi_align(
     bidx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
     boxes = rois.reshape(n, 4).astype(dtype)
     scale = jnp.asarray(spatial_scales, dtype)[lv]  # [N]
-    canvas_w = jnp.asarray([w for _, w in shapes], jnp.int32)[lv]
     canvas_h = jnp.asarray([h for h, _ in shapes], jnp.int32)[lv]
-    base = jnp.asarray(offsets, jnp.int32)[lv] + bidx * canvas_h * canvas_w  # [N]
+    canvas_w = jnp.asarray([w for _, w in shapes], jnp.int32)[lv]
     ext = valid_hw[bidx, lv]  # [N, 2]
     ext_h = jnp.minimum(ext[:, 0], canvas_h)
     ext_w = jnp.minimum(ext[:, 1], canvas_w)
@@ -343,36 +335,56 @@ def roi_align(
     grid_y = _axis_grid(boxes[:, 1], boxes[:, 3], pooled=ph, **kw)
     grid_x = _axis_grid(boxes[:, 0], boxes[:, 2], pooled=pw, **kw)
     count = jnp.maximum(grid_y[2] * grid_x[2], 1).astype(dtype)  # [N]
-    if sampling_ratio > 0:
-        kw = dict(n_samples=sampling_ratio, band=None)
-    else:
-        kw = dict(n_samples=max_samples, band=max_samples + 1)
-    first = jnp.zeros((n,), jnp.int32)
-    ry, wy = _axis_taps(*grid_y, ext_h, first, pooled=ph, **kw)  # [N, PH, Ty]
-    rx, wx = _axis_taps(*grid_x, ext_w, first, pooled=pw, **kw)  # [N, PW, Tx]
-    rows = base[:, None, None] + ry * canvas_w[:, None, None]  # flat row offsets
+    if sampling_ratio > 0:  # one work item per ROI, 2 taps per sample
+        g_cap, band = sampling_ratio, None
+        cx = items = jnp.ones((n,), jnp.int32)
+    else:  # cy * cx work items per ROI, a band of G + 1 taps per bin and axis
+        g_cap, band = max_samples, max_samples + 1
+        # Chunk counts capped so that item numbers stay inside int32. The caps bind only
+        # for ROIs tens of thousands of feature pixels long, which they would truncate.
+        cy = jnp.clip(-(-grid_y[2] // g_cap), 1, 2**15)
+        cx = jnp.clip(-(-grid_x[2] // g_cap), 1, 2**15)
+        items = jnp.minimum(cy * cx, 2**30 // n)  # [N]
 
-    if chunk is None:
-        chunk = _CHUNK
-    check_positive_int("chunk", chunk)
-    chunk = min(chunk, n)
-    n_pad = -(-n // chunk) * chunk
+    # Number the work items level by level: ROIs sorted by level, item t belongs to the
+    # first ROI (in that order) whose cumulative item count exceeds t.
+    order = jnp.argsort(lv, stable=True).astype(jnp.int32)
+    ends = jnp.cumsum(items[order])  # [N]
+    per_level = jnp.sum(lv[None, :] == jnp.arange(n_levels)[:, None], axis=1)
+    last_roi = jnp.cumsum(per_level) - 1  # [L] sorted position of the last ROI on levels <= l
+    level_end = jnp.where(last_roi >= 0, ends[jnp.maximum(last_roi, 0)], 0)
+    level_start = jnp.concatenate([jnp.zeros((1,), level_end.dtype), level_end[:-1]])
+    m = chunk
+    # Trips: level l runs ceil(items on l / M) of them, levels one after the other.
+    level_trips = -(-(level_end - level_start) // m)  # [L]
+    trips_end = jnp.cumsum(level_trips)
+    level_hw = jnp.asarray(shapes, jnp.int32)  # [L, 2]
+    flats = [f.reshape(-1, c) for f in features]  # [B * H * W, C] views, no copy
+    kw = dict(n_samples=g_cap, band=band)
 
-    def split(x):
-        x = jnp.pad(x, [(0, n_pad - n)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape((n_pad // chunk, chunk) + x.shape[1:])
+    def trip(i, acc):
+        lvl = jnp.minimum(jnp.searchsorted(trips_end, i, side="right"), n_levels - 1)
+        t = level_start[lvl] + (i - trips_end[lvl] + level_trips[lvl]) * m
+        t = t + jnp.arange(m, dtype=jnp.int32)  # [M] item numbers
+        valid = t < level_end[lvl]
+        pos = jnp.minimum(jnp.searchsorted(ends, t, side="right"), n - 1)
+        roi = order[pos]
+        local = t - (ends[pos] - items[roi])  # the item within its ROI: (ky, kx)
+        ky, kx = local // cx[roi], local % cx[roi]
+        gy_i, gx_i = ((v[roi] for v in grid) for grid in (grid_y, grid_x))
+        ry, wy = _axis_taps(*gy_i, ext_h[roi], ky * g_cap, pooled=ph, **kw)  # [M, PH, Ty]
+        rx, wx = _axis_taps(*gx_i, ext_w[roi], kx * g_cap, pooled=pw, **kw)  # [M, PW, Tx]
+        wy = jnp.where(valid[:, None, None], wy, 0.0).astype(dtype)
+        h, w = level_hw[lvl, 0], level_hw[lvl, 1]
+        rows = (bidx[roi] * (h * w))[:, None, None] + ry * w  # row offsets in the level's view
+        branches = [functools.partial(_pool, flat) for flat in flats]
+        part = jax.lax.switch(lvl, branches, rows, wy, rx, wx.astype(dtype))
+        part = part / count[roi][:, None, None, None]
+        roi = jnp.where(valid, roi, n)  # padding items are dropped
+        return acc.at[roi].add(part, mode="drop")
 
-    def one_chunk(args):
-        rows_c, wy_c, rx_c, wx_c, cnt = args
-        return _pool(flat, rows_c, wy_c, rx_c, wx_c) / cnt[:, None, None, None]
+    out = jnp.zeros((n, ph, pw, c), dtype)
+    out = jax.lax.fori_loop(0, trips_end[-1], trip, out)
 
-    args = tuple(split(x) for x in (rows, wy.astype(dtype), rx, wx.astype(dtype), count))
-    out = jax.lax.map(one_chunk, args)  # [N/k, k, PH, PW, C]
-    out = out.reshape(n_pad, ph, pw, c)[:n]
-    if sampling_ratio > 0:
-        overflow = jnp.zeros((), jnp.int32)
-    else:
-        out, overflow = _adaptive_tail(
-            out, flat, grid_y, grid_x, ext_h, ext_w, base, canvas_w, count, g_cap=max_samples
-        )
+    overflow = jnp.sum((items > 1).astype(jnp.int32)) if sampling_ratio == 0 else jnp.int32(0)
     return out.reshape(b, r, ph, pw, c), overflow
