@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from converters import detectron2, maskrcnn_benchmark, mmdet, torchvision  # noqa: E402
+from converters import detectron, detectron2, maskrcnn_benchmark, mmdet, torchvision  # noqa: E402
 from converters.common import ConversionError, Converted  # noqa: E402
 from converters.load import CheckpointError, read_checkpoint  # noqa: E402
 
@@ -30,13 +30,12 @@ CONVERTERS = {
     torchvision.NAME: torchvision,
     detectron2.NAME: detectron2,
     maskrcnn_benchmark.NAME: maskrcnn_benchmark,
+    detectron.NAME: detectron,
     mmdet.NAME: mmdet,
 }
 
 # Formats recognised by their key names but not converted yet.
-PLANNED = {
-    "detectron": ("conv1_w", "res2_0_branch2a"),
-}
+PLANNED: dict[str, tuple[str, ...]] = {}
 FORMATS = ("auto", *CONVERTERS, *PLANNED)
 
 

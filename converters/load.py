@@ -64,6 +64,10 @@ def _load_torch(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        inert = _inert_training_state(torch, path)
+        if inert:  # e.g. mmengine's message hub: read with inert stand-ins, weights_only kept
+            with torch.serialization.safe_globals([(_Inert, name) for name in inert]):
+                return torch.load(path, map_location="cpu", weights_only=True)
         msg = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(
             f"refusing to load {path}: it contains Python objects beyond tensors and plain "
@@ -79,6 +83,44 @@ def _load_torch(path: Path):
         ) from None
 
 
+# Objects that training frameworks pickle beside the weights and that inference never needs:
+# mmengine's Runner stores HistoryBuffer objects (holding numpy arrays) in `message_hub`.
+_INERT_GLOBALS = {
+    "mmengine.logging.history_buffer.HistoryBuffer",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "builtins.getattr",  # numpy's dtype pickles call it; here it builds an inert stand-in
+}
+_INERT_PREFIXES = ("numpy.dtypes.",)
+
+
+class _Inert:
+    """Stands in for a training-state object in a checkpoint: built from the pickle's data
+    without running any of its class's code, and never used."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _inert_training_state(torch, path: Path) -> list[str]:
+    """The globals a zip checkpoint needs beyond weights_only's, if all of them are known
+    training state (see _INERT_GLOBALS); else [] (the file is refused)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+    known = [n for n in names if n in _INERT_GLOBALS or n.startswith(_INERT_PREFIXES)]
+    has_training_state = any(n.startswith("mmengine.") for n in names)
+    return names if names and has_training_state and len(known) == len(names) else []
+
+
 def unwrap(obj) -> tuple[object, dict]:
     """The state dict inside a framework's container, and what the container says about it:
     `{"container": "{'model': ...}", "meta": obj['meta'] if any, "extra_keys": [...]}`."""
@@ -87,7 +129,7 @@ def unwrap(obj) -> tuple[object, dict]:
         return obj, info
     for key in ("state_dict", "model", "blobs"):
         if key in obj and isinstance(obj[key], dict):
-            info["container"] = "{'%s': ...}" % key
+            info["container"] = f"{{'{key}': ...}}"
             info["meta"] = obj.get("meta") if isinstance(obj.get("meta"), dict) else None
             info["extra_keys"] = sorted(str(k) for k in obj if k != key)
             return obj[key], info

@@ -18,6 +18,7 @@ from converters.common import (
     BN_KEYS,
     ConversionError,
     Converted,
+    Transform,
     apply_key_map,
     arch_name,
     conv1x1_io,
