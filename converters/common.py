@@ -106,6 +106,25 @@ def arch_name(depth: int, groups: int, width_per_group: int) -> str:
     return f"ResNet-{depth}" if groups == 1 else f"ResNeXt-{depth} {groups}x{width_per_group}d"
 
 
+def choose_preset(prefix: str, label: str, info: dict, arch: str | None, default) -> ModelConfig:
+    """The config for a checkpoint: the preset named by `--arch` (one of this framework's,
+    `prefix/...`, and it must fit the architecture read off the shapes), else `default()`."""
+    from jaxmrcnn.config import PRESETS
+
+    if arch is None:
+        return default()
+    if arch not in PRESETS or not arch.startswith(prefix + "/"):
+        names = ", ".join(k for k in PRESETS if k.startswith(prefix + "/"))
+        raise ConversionError(f"unknown {label} --arch {arch!r}; known: {names}")
+    cfg = PRESETS[arch](num_classes=info["num_classes"])
+    want = (cfg.backbone.depth, cfg.backbone.groups, cfg.backbone.width_per_group)
+    got = (info["depth"], info["groups"], info["width_per_group"])
+    if want != got:
+        raise ConversionError(f"--arch {arch} is {arch_name(*want)} but the checkpoint "
+                              f"holds a {arch_name(*got)}")
+    return cfg
+
+
 def apply_key_map(
     sd: dict, mapping: KeyMap, cfg: ModelConfig, *, ignorable: Callable[[str], bool], what: str
 ) -> dict:

@@ -40,6 +40,7 @@ from converters.common import (
     apply_key_map,
     arch_name,
     block_counts,
+    choose_preset,
     conv1x1_io,
     conv_hwio,
     conventions,
@@ -50,7 +51,7 @@ from converters.common import (
     same,
 )
 from jaxmrcnn.classes import coco80_classes, generic_classes
-from jaxmrcnn.config import PRESETS, ModelConfig, detectron_mask_rcnn
+from jaxmrcnn.config import ModelConfig, detectron_mask_rcnn
 
 NAME = "detectron"
 _BLOCK = re.compile(r"res(\d)_(\d+)_branch")
@@ -114,19 +115,8 @@ def build_config(info: dict, *, arch: str | None = None,
     if bn_eps is not None:
         raise ConversionError("--bn-eps does not apply: Detectron's norms are AffineChannel "
                               "(y = x * s + b), with no statistics and no epsilon")
-    if arch is not None:
-        if arch not in PRESETS or not arch.startswith(NAME + "/"):
-            names = ", ".join(k for k in PRESETS if k.startswith(NAME + "/"))
-            raise ConversionError(f"unknown Detectron --arch {arch!r}; known: {names}")
-        cfg = PRESETS[arch](num_classes=info["num_classes"])
-        want = (cfg.backbone.depth, cfg.backbone.groups, cfg.backbone.width_per_group)
-        got = (info["depth"], info["groups"], info["width_per_group"])
-        if want != got:
-            raise ConversionError(f"--arch {arch} is {arch_name(*want)} but the checkpoint "
-                                  f"holds a {arch_name(*got)}")
-        return cfg
-    return detectron_mask_rcnn(info["depth"], info["groups"], info["width_per_group"],
-                               num_classes=info["num_classes"])
+    return choose_preset(NAME, "Detectron", info, arch, lambda: detectron_mask_rcnn(
+        info["depth"], info["groups"], info["width_per_group"], num_classes=info["num_classes"]))
 
 
 def fpn_stage_blobs(depth: int) -> list[str]:

@@ -29,6 +29,7 @@ from converters.common import (
     apply_key_map,
     arch_name,
     block_counts,
+    choose_preset,
     conv1x1_io,
     conv_hwio,
     conventions,
@@ -41,7 +42,7 @@ from converters.common import (
 )
 from jaxmrcnn import ops
 from jaxmrcnn.classes import coco80_classes, generic_classes
-from jaxmrcnn.config import PRESETS, ModelConfig, maskrcnn_benchmark_mask_rcnn
+from jaxmrcnn.config import ModelConfig, maskrcnn_benchmark_mask_rcnn
 from jaxmrcnn.proposals import level_strides
 
 NAME = "maskrcnn_benchmark"
@@ -81,19 +82,8 @@ def read_arch(sd: dict) -> dict:
 
 
 def build_config(info: dict, *, arch: str | None = None, bn_eps: float | None = None) -> ModelConfig:
-    if arch is not None:
-        if arch not in PRESETS or not arch.startswith(NAME + "/"):
-            names = ", ".join(k for k in PRESETS if k.startswith(NAME + "/"))
-            raise ConversionError(f"unknown maskrcnn-benchmark --arch {arch!r}; known: {names}")
-        cfg = PRESETS[arch](num_classes=info["num_classes"])
-        want = (cfg.backbone.depth, cfg.backbone.groups, cfg.backbone.width_per_group)
-        got = (info["depth"], info["groups"], info["width_per_group"])
-        if want != got:
-            raise ConversionError(f"--arch {arch} is {arch_name(*want)} but the checkpoint "
-                                  f"holds a {arch_name(*got)}")
-    else:
-        cfg = maskrcnn_benchmark_mask_rcnn(info["depth"], info["groups"], info["width_per_group"],
-                                           num_classes=info["num_classes"])
+    cfg = choose_preset(NAME, "maskrcnn-benchmark", info, arch, lambda: maskrcnn_benchmark_mask_rcnn(
+        info["depth"], info["groups"], info["width_per_group"], num_classes=info["num_classes"]))
     if bn_eps is not None:
         cfg = cfg.replace(backbone=dict(norm_eps=bn_eps))
     return cfg

@@ -27,6 +27,7 @@ from converters.common import (
     apply_key_map,
     arch_name,
     block_counts,
+    choose_preset,
     conv1x1_io,
     conv_hwio,
     conventions,
@@ -38,7 +39,7 @@ from converters.common import (
     same,
 )
 from jaxmrcnn.classes import coco80_classes, generic_classes
-from jaxmrcnn.config import PRESETS, ModelConfig, mmdet_mask_rcnn
+from jaxmrcnn.config import ModelConfig, mmdet_mask_rcnn
 
 NAME = "mmdet"
 _BLOCK = re.compile(r"backbone\.layer(\d)\.(\d+)\.")
@@ -100,18 +101,9 @@ def meta_style(meta: dict | None) -> str | None:
 
 def build_config(info: dict, *, arch: str | None, style: str | None,
                  bn_eps: float | None = None) -> ModelConfig:
-    got = (info["depth"], info["groups"], info["width_per_group"])
-    if arch is not None:
-        if arch not in PRESETS or not arch.startswith(NAME + "/"):
-            names = ", ".join(k for k in PRESETS if k.startswith(NAME + "/"))
-            raise ConversionError(f"unknown mmdet --arch {arch!r}; known: {names}")
-        cfg = PRESETS[arch](num_classes=info["num_classes"])
-        want = (cfg.backbone.depth, cfg.backbone.groups, cfg.backbone.width_per_group)
-        if want != got:
-            raise ConversionError(f"--arch {arch} is {arch_name(*want)} but the checkpoint "
-                                  f"holds a {arch_name(*got)}")
-    else:
-        cfg = mmdet_mask_rcnn(*got, num_classes=info["num_classes"], style=style or "pytorch")
+    cfg = choose_preset(NAME, "mmdet", info, arch, lambda: mmdet_mask_rcnn(
+        info["depth"], info["groups"], info["width_per_group"], num_classes=info["num_classes"],
+        style=style or "pytorch"))
     if bn_eps is not None:
         cfg = cfg.replace(backbone=dict(norm_eps=bn_eps))
     return cfg
