@@ -28,6 +28,9 @@ _PKL_ALLOWED = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
     ("builtins", "slice"),
+    # Python 3's pickle protocol 2 stores bytes as _codecs.encode(text, "latin1"), which
+    # only builds the bytes (torch's weights_only unpickler allows it too).
+    ("_codecs", "encode"),
 }
 
 

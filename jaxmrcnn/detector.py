@@ -266,16 +266,17 @@ def read_any_checkpoint(path) -> Checkpoint:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     with open(path, "rb") as f:
-        head = f.read(64)
+        head = f.read(1 << 20)
     if is_jaxmrcnn_checkpoint(head):
         return load_checkpoint(path)
     return converted_checkpoint(path)
 
 
 def is_jaxmrcnn_checkpoint(head: bytes) -> bool:
-    """Whether a file's first bytes are a jaxmrcnn checkpoint's (a msgpack map holding the
-    magic string; framework checkpoints are zip archives or pickles)."""
-    return MAGIC.encode() in head
+    """Whether a file's first bytes (1 MiB) are a jaxmrcnn checkpoint's: a msgpack map (first
+    byte 0x81-0x8f; a pickle starts 0x80 then its protocol, a zip "PK") whose keys, sorted,
+    put the magic string after the class list and the config."""
+    return len(head) > 1 and 0x81 <= head[0] <= 0x8F and MAGIC.encode() in head
 
 
 def converted_checkpoint(path) -> Checkpoint:
