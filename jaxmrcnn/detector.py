@@ -36,7 +36,9 @@ from jaxmrcnn.programs import ProgramCache, source_digest
 
 @dataclasses.dataclass
 class Detections:
-    """Detections of one image, sorted by score (descending)."""
+    """Detections of one image, in the source framework's order: by score, descending (most
+    presets), or by class then proposal (maskrcnn-benchmark and Detectron:
+    `config.roi_heads.result_order`)."""
 
     boxes: np.ndarray  # [N, 4] float32 xyxy in original-image pixels
     scores: np.ndarray  # [N] float32
