@@ -329,13 +329,13 @@ def install_stand_ins() -> None:
 def source_dir() -> Path | None:
     """The folder to put on sys.path to import maskrcnn-benchmark (the repository root, which
     contains the `maskrcnn_benchmark` package and `configs/`): $JAXMRCNN_MASKRCNN_BENCHMARK_SRC
-    if set, else /work/refsrc/mb if it exists, else None. A set but invalid variable gives None
+    if set, else None (live tests skip; the goldens still run). A set but invalid variable gives None
     rather than a silent fallback."""
     env = os.environ.get(ENV_VAR)
     if env:
         path = Path(env).expanduser()
         return path if (path / "maskrcnn_benchmark" / "__init__.py").is_file() else None
-    return DEFAULT_SRC if (DEFAULT_SRC / "maskrcnn_benchmark" / "__init__.py").is_file() else None
+    return None  # only where asked for: its own dependencies are not part of the set-up
 
 
 def import_maskrcnn_benchmark():
@@ -351,7 +351,7 @@ def import_maskrcnn_benchmark():
         raise ImportError(
             f"maskrcnn-benchmark's source was not found: set {ENV_VAR} to a checkout of "
             f"github:facebookresearch/maskrcnn-benchmark (the folder holding `maskrcnn_benchmark` "
-            f"and `configs`); {DEFAULT_SRC} does not exist here. Nothing needs compiling; its "
+            f"and `configs`), e.g. {DEFAULT_SRC}. Nothing needs compiling; its "
             f"deps: yacs, pycocotools, opencv-python-headless, tqdm. ({e})"
         ) from e
     maskrcnn_benchmark._C = sys.modules["maskrcnn_benchmark._C"]
