@@ -74,7 +74,7 @@ def default_weights(images, cache_dir: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     import torch_reference as R
 
-    from converters.from_torch import convert_file
+    from jaxmrcnn.converters.from_torch import convert_file
 
     print("building the default weights: torchvision maskrcnn_resnet50_fpn, seed 0, "
           f"calibrated on {len(images)} images ...", flush=True)
@@ -136,7 +136,7 @@ def run_jax(det, gt, image_ids, img_dir, cat_map, batch_size):
 def run_torchvision(ckpt, gt, image_ids, img_dir, cat_map):
     import torch
 
-    from converters.to_torch import torchvision_model
+    from jaxmrcnn.converters.to_torch import torchvision_model
 
     model = torchvision_model(ckpt)
     bbox, segm, raw = [], [], {}

@@ -42,6 +42,10 @@ class Detections:
 
     boxes: np.ndarray  # [N, 4] float32 xyxy in original-image pixels
     scores: np.ndarray  # [N] float32
+    # Two label spaces, one name each: `labels` are the dataset's category ids (COCO ids for
+    # COCO models, what annotation files and pycocotools use); `class_index` is the model's
+    # output index (row of the classifier: what `classes` / `names` index). The boundary is
+    # `Checkpoint.category_ids[class_index]`, applied here and nowhere else.
     labels: np.ndarray  # [N] int: dataset category ids (COCO ids for COCO models)
     masks: np.ndarray  # [N, H, W] bool, original image size
     class_index: np.ndarray  # [N] int: the model's class index
@@ -205,7 +209,7 @@ class Detector:
         return [prepare(img, self.config.input) for img in images]
 
     def run_prepared(self, prepared: list[Prepared]) -> list[dict]:
-        """Raw padded outputs per image (numpy): boxes, scores, labels (class index), masks
+        """Raw padded outputs per image (numpy): boxes, scores, class_index, masks
         (M x M probabilities), valid. Groups images by canvas and batches them."""
         results: list[dict | None] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -238,7 +242,7 @@ class Detector:
 
     def to_detections(self, raw: dict, orig_hw: tuple[int, int], with_masks: bool = True) -> Detections:
         valid = raw["valid"]
-        cls = raw["labels"][valid].astype(np.int64)
+        cls = raw["class_index"][valid].astype(np.int64)
         h, w = orig_hw
         return Detections(
             boxes=raw["boxes"][valid].astype(np.float32),
@@ -282,7 +286,7 @@ def is_jaxmrcnn_checkpoint(head: bytes) -> bool:
 
 
 def converted_checkpoint(path) -> Checkpoint:
-    """A framework checkpoint converted (converters/from_torch.py, which needs PyTorch for
+    """A framework checkpoint converted (jaxmrcnn.converters, which needs PyTorch for
     .pth files), cached as a jaxmrcnn checkpoint under `<cache>/converted/`, keyed by the
     file's sha256 and the converters' source, so the next load skips the conversion."""
     import hashlib
@@ -292,7 +296,7 @@ def converted_checkpoint(path) -> Checkpoint:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    converters_dir = Path(__file__).resolve().parent.parent / "converters"
+    converters_dir = Path(__file__).resolve().parent / "converters"
     for src in sorted(converters_dir.glob("*.py")):
         digest.update(src.read_bytes())
     digest.update(source_digest().encode())
@@ -303,11 +307,11 @@ def converted_checkpoint(path) -> Checkpoint:
         except ValueError:  # damaged: convert again
             pass
     try:
-        from converters.from_torch import convert_file
+        from jaxmrcnn.converters.from_torch import convert_file
     except ImportError as e:
         raise ImportError(
-            f"{path} is not a jaxmrcnn checkpoint; converting a framework checkpoint needs the "
-            f"repository's converters (and PyTorch for .pth files): {e}"
+            f"{path} is not a jaxmrcnn checkpoint; converting a framework checkpoint needs "
+            f"PyTorch (pip install 'jaxmrcnn[torch]'): {e}"
         ) from None
     ckpt, _ = convert_file(path)
     try:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxmrcnn import ops
 from jaxmrcnn.config import ModelConfig
-from jaxmrcnn.detections import box_detections
+from jaxmrcnn.box_postprocess import box_detections
 from jaxmrcnn.layers.box_head import BoxHead, BoxPredictor
 from jaxmrcnn.layers.fpn import FPN
 from jaxmrcnn.layers.mask_head import MaskHead
@@ -57,8 +57,8 @@ class MaskRCNN(nn.Module):
     def __call__(self, images, info, return_aux: bool = False):
         """images `[B, H, W, 3]` (normalized, zero-padded) -> (detections, aux).
 
-        detections: boxes `[B, D, 4]` in original-image pixels, scores `[B, D]`, labels
-        `[B, D]` (class index of the checkpoint), masks `[B, D, M, M]` probabilities of the
+        detections: boxes `[B, D, 4]` in original-image pixels, scores `[B, D]`, class_index
+        `[B, D]` (the model's class index, not a dataset category id), masks `[B, D, M, M]` probabilities of the
         predicted class, valid `[B, D]`. aux holds named intermediates when `return_aux`.
         """
         cfg = self.cfg
@@ -136,7 +136,7 @@ class MaskRCNN(nn.Module):
             out_valid = det_valid & ops.small_box_mask(out_boxes, 0.0, strict=True)
 
         detections = dict(
-            boxes=out_boxes, scores=det_scores, labels=det_labels, masks=masks, valid=out_valid
+            boxes=out_boxes, scores=det_scores, class_index=det_labels, masks=masks, valid=out_valid
         )
         if cfg.roi_heads.result_order not in ("score", "class"):
             raise ValueError(f"result_order must be 'score' or 'class', got "

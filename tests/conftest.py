@@ -54,7 +54,7 @@ class TorchvisionReference:
         import torch
         import torch_reference as R
 
-        from converters.from_torch import convert_file
+        from jaxmrcnn.converters.from_torch import convert_file
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.version = version

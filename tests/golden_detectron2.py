@@ -117,7 +117,7 @@ def _check_arch(arch: str) -> None:
 
 def _source_shape(fn, ours: tuple[int, ...]) -> tuple[int, ...]:
     """The PyTorch shape that the converter's layout transform `fn` maps to our shape."""
-    from converters import common as C
+    from jaxmrcnn.converters import common as C
 
     name = getattr(fn, "__qualname__", "")
     if fn is C.conv_hwio:
@@ -139,9 +139,9 @@ def _source_shape(fn, ours: tuple[int, ...]) -> tuple[int, ...]:
 
 def detectron2_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Detectron2's state-dict key -> shape for `arch`, derived without Detectron2 from
-    `converters.detectron2.key_map` and `jaxmrcnn.model.param_shapes`, each shape run back
+    `jaxmrcnn.converters.detectron2.key_map` and `jaxmrcnn.model.param_shapes`, each shape run back
     through its layout transform (and checked forwards)."""
-    from converters.detectron2 import key_map
+    from jaxmrcnn.converters.detectron2 import key_map
     from jaxmrcnn.config import detectron2_mask_rcnn
     from jaxmrcnn.model import flatten_tree, param_shapes
 

@@ -16,7 +16,7 @@ The checkpoint, per architecture
    stored anchors `rpn.anchor_generator.cell_anchors.{0..4}`: exactly MB's legacy
    generate_anchors (`jaxmrcnn.ops.cell_anchors(size, ratios, flavour="legacy", stride=s)`,
    checked against a real model's buffers when MB's source is present). Key names and shapes
-   come from `converters.maskrcnn_benchmark.key_map` and the Flax model's parameter shapes run
+   come from `jaxmrcnn.converters.maskrcnn_benchmark.key_map` and the Flax model's parameter shapes run
    back through each layout transform; `mb_key_order` puts them in MB's module order.
 2. Calibration (`calibrate`, needs MB): the synthetic weights are loaded into the real MB model
    (`reference_maskrcnn_benchmark.build` from the repository's yaml at SMALL size), which runs
@@ -190,10 +190,10 @@ def mb_key_order(keys) -> list[str]:
 
 def mb_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """maskrcnn-benchmark's state-dict key (after `module.`) -> shape for `arch`, in MB's
-    order, derived without MB from `converters.maskrcnn_benchmark.key_map` and
+    order, derived without MB from `jaxmrcnn.converters.maskrcnn_benchmark.key_map` and
     `jaxmrcnn.model.param_shapes`, each shape run back through its layout transform (and
     checked forwards); the anchors are [3, 4]."""
-    from converters.maskrcnn_benchmark import key_map
+    from jaxmrcnn.converters.maskrcnn_benchmark import key_map
     from jaxmrcnn.config import maskrcnn_benchmark_mask_rcnn
     from jaxmrcnn.model import flatten_tree, param_shapes
 

@@ -21,10 +21,10 @@ import torch
 import torchvision
 
 import jaxmrcnn
-from converters.from_torch import convert_file
-from converters.from_torch import main as cli_main
-from converters.load import CheckpointError
-from converters.torchvision import ConversionError
+from jaxmrcnn.converters.from_torch import convert_file
+from jaxmrcnn.converters.from_torch import main as cli_main
+from jaxmrcnn.converters.load import CheckpointError
+from jaxmrcnn.converters.torchvision import ConversionError
 from jaxmrcnn.model import flatten_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def test_existing_output_survives_a_failed_conversion(tv_state_dicts, tmp_path):
 def test_load_accepts_a_framework_checkpoint_and_caches_it(v1_file, tmp_path, monkeypatch):
     """jaxmrcnn.load(file.pth) converts in memory (as Detectron2's predictor loads its own
     files); the second load reads the cached conversion instead of converting again."""
-    import converters.from_torch as ft
+    import jaxmrcnn.converters.from_torch as ft
 
     monkeypatch.setenv("JAXMRCNN_CACHE_DIR", str(tmp_path / "cache"))
     det = jaxmrcnn.load(v1_file, compilation_cache=False)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from converters import detectron, detectron2, maskrcnn_benchmark, mmdet
-from converters.common import ConversionError
-from converters.from_torch import convert_file
-from converters.from_torch import main as cli_main
-from converters.load import CheckpointError
+from jaxmrcnn.converters import detectron, detectron2, maskrcnn_benchmark, mmdet
+from jaxmrcnn.converters.common import ConversionError
+from jaxmrcnn.converters.from_torch import convert_file
+from jaxmrcnn.converters.from_torch import main as cli_main
+from jaxmrcnn.converters.load import CheckpointError
 from jaxmrcnn.config import PRESETS
 from jaxmrcnn.model import flatten_tree, param_shapes
 

@@ -54,11 +54,11 @@ import reference_maskrcnn_benchmark as R
 from conftest import PARITY_IMAGES, SMALL
 from parity import mask_iou, match_boxes, match_detections
 
-from converters import detectron
-from converters.common import ConversionError
-from converters.from_torch import PLANNED, convert_file, detect_format
-from converters.from_torch import main as cli_main
-from converters.load import CheckpointError
+from jaxmrcnn.converters import detectron
+from jaxmrcnn.converters.common import ConversionError
+from jaxmrcnn.converters.from_torch import PLANNED, convert_file, detect_format
+from jaxmrcnn.converters.from_torch import main as cli_main
+from jaxmrcnn.converters.load import CheckpointError
 from jaxmrcnn import ops, preprocess
 from jaxmrcnn.checkpoint import load_checkpoint
 from jaxmrcnn.config import PRESETS
@@ -484,7 +484,7 @@ def test_parity(ref, index):
     # Detections one to one, in maskrcnn-benchmark's order.
     valid = det["valid"][0]
     ours = dict(boxes=det["boxes"][0][valid], scores=det["scores"][0][valid],
-                labels=det["labels"][0][valid])
+                labels=det["class_index"][0][valid])
     assert abs(len(ours["scores"]) - len(r["scores"])) <= max(1, len(r["scores"]) // 100)
     pairs, frac = match_detections(r, ours)  # same label: MB's 1..80 == our class index
     stats["detections_matched"] = f"{len(pairs)}/{len(r['scores'])} (ours {len(ours['scores'])})"

@@ -60,7 +60,7 @@ import reference_detectron2 as R
 from conftest import PARITY_IMAGES, SMALL
 from parity import mask_iou, match_detections
 
-from converters.from_torch import convert_file
+from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn import ops, preprocess
 from jaxmrcnn.checkpoint import load_checkpoint
 from jaxmrcnn.config import PRESETS
@@ -290,7 +290,7 @@ def check_image(case, index, image):
     # Detections one to one, in COCO category ids (the Detector's labels).
     raw = {k: v[0] for k, v in det.items()}
     dets = case.detector().to_detections(raw, image.shape[:2])
-    assert np.array_equal(dets.class_index, raw["labels"][raw["valid"]])
+    assert np.array_equal(dets.class_index, raw["class_index"][raw["valid"]])
     ref = dict(boxes=g["boxes"], scores=g["scores"], labels=d2_to_coco(g["classes"]))
     assert abs(len(dets) - len(ref["scores"])) <= max(1, len(ref["scores"]) // 100)
     pairs, frac = match_detections(ref, dets)

@@ -37,7 +37,7 @@ import reference_mmdet as R  # the README's set-up installs mmdet (tests/require
 from conftest import PARITY_IMAGES, ROOT
 from parity import mask_iou, match_boxes, match_detections
 
-from converters.from_torch import convert_file
+from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn import preprocess
 from jaxmrcnn.classes import coco80_classes
 from jaxmrcnn.detector import Detector, resolve_compiler_options
@@ -113,7 +113,7 @@ def check_image(ref: MMDetReference, index, image):
 
     valid = det["valid"][0]
     ours = dict(boxes=det["boxes"][0][valid], scores=det["scores"][0][valid],
-                labels=det["labels"][0][valid])
+                labels=det["class_index"][0][valid])
     # mmdet's labels are 0..79 (background last in the classifier): our class index is the same.
     ref_d = dict(boxes=r["boxes"], scores=r["scores"], labels=r["labels"])
     pairs, frac = match_detections(ref_d, ours)

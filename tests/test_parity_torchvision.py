@@ -83,7 +83,7 @@ def check_image(ref, image):
 
     # Detections one to one.
     valid = det["valid"][0]
-    ours = dict(boxes=det["boxes"][0][valid], scores=det["scores"][0][valid], labels=det["labels"][0][valid])
+    ours = dict(boxes=det["boxes"][0][valid], scores=det["scores"][0][valid], labels=det["class_index"][0][valid])
     assert abs(len(ours["scores"]) - len(r["scores"])) <= max(1, len(r["scores"]) // 100)
     pairs, frac = match_detections(r, ours)
     assert frac >= 0.99, f"only {frac:.3f} of the reference's detections matched"

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmrcnn.config import BackboneConfig
-from jaxmrcnn.layers.common import FrozenNorm, apply_mask, conv, spatial_mask
+from jaxmrcnn.layers.common import FrozenNorm, GroupedConv3x3, apply_mask, conv, spatial_mask
 
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -46,7 +46,10 @@ class Bottleneck(nn.Module):
         out = nn.relu(norm("bn1")(out))
         if s3 == 1:
             out = apply_mask(out, spatial_mask(valid_hw, out.shape[1:3], in_stride * s1))
-        out = conv(self.width, 3, s3, bias=False, groups=self.groups, name="conv2")(out)
+        if self.groups > 1:  # ResNeXt: XLA's grouped conv is slow on CPU (see GroupedConv3x3)
+            out = GroupedConv3x3(self.width, s3, self.groups, name="conv2")(out)
+        else:
+            out = conv(self.width, 3, s3, bias=False, name="conv2")(out)
         out = nn.relu(norm("bn2")(out))
         out = conv(self.planes * 4, 1, bias=False, name="conv3")(out)
         out = norm("bn3")(out)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from converters.common import (
+from jaxmrcnn.converters.common import (
     BN_KEYS,
     ConversionError,
     Converted,

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from converters.common import (
+from jaxmrcnn.converters.common import (
     BN_KEYS,
     ConversionError,
     Converted,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.torchvision import ConversionError, key_map
+from jaxmrcnn.converters.torchvision import ConversionError, key_map
 
 
 def _inverse(fn, torch_shape) -> np.ndarray:

@@ -207,6 +207,6 @@ def read_checkpoint(path, info: dict | None = None) -> dict[str, np.ndarray]:
 
 def detect_format(sd: dict) -> str:
     """Which framework wrote this state dict, from its key names ("unknown" if none)."""
-    from converters.from_torch import detect_format as detect
+    from jaxmrcnn.converters.from_torch import detect_format as detect
 
     return detect(sd)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 
-from converters.common import (
+from jaxmrcnn.converters.common import (
     ConversionError,
     Converted,
     KeyMap,

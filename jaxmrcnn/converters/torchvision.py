@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from converters.common import (
+from jaxmrcnn.converters.common import (
     BN_KEYS,
     ConversionError,
     Converted,

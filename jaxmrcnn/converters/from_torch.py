@@ -1,0 +1,114 @@
+"""Convert a PyTorch (or Detectron pickle) Mask R-CNN checkpoint into a jaxmrcnn checkpoint.
+
+    python converters/from_torch.py CKPT [--format auto|torchvision|detectron2|...]
+                                         [--arch PRESET] [--out PATH] [--bn-eps E]
+
+Reads the file without executing code from it, detects the framework from the container and
+key names and the architecture from the shapes, maps every tensor, checks every shape
+against the Flax model, and writes params + config + class list to PATH (default: CKPT with
+the suffix .jaxmrcnn.msgpack). The summary names the framework, architecture, classes and
+every convention applied. On any error nothing is written and the exit status is 1.
+
+This file only dispatches: each format is a module with the same interface
+(jaxmrcnn/converters/common.py). `converters/from_torch.py` at the repository root is the
+same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jaxmrcnn.converters import detectron, detectron2, maskrcnn_benchmark, mmdet, torchvision
+from jaxmrcnn.converters.common import ConversionError, Converted
+from jaxmrcnn.converters.load import CheckpointError, read_checkpoint
+
+CONVERTERS = {
+    torchvision.NAME: torchvision,
+    detectron2.NAME: detectron2,
+    maskrcnn_benchmark.NAME: maskrcnn_benchmark,
+    detectron.NAME: detectron,
+    mmdet.NAME: mmdet,
+}
+
+# Formats recognised by their key names but not converted yet.
+PLANNED: dict[str, tuple[str, ...]] = {}
+FORMATS = ("auto", *CONVERTERS, *PLANNED)
+
+
+def detect_format(sd: dict) -> str:
+    for name, module in CONVERTERS.items():
+        if module.detect(sd):
+            return name
+    for name, prefixes in PLANNED.items():
+        if any(k.startswith(p) for k in sd for p in prefixes):
+            return name
+    return "unknown"
+
+
+def convert_file(path, *, fmt: str = "auto", arch: str | None = None,
+                 bn_eps: float | None = None) -> tuple:
+    """CKPT path -> (Checkpoint, summary lines). Raises CheckpointError / ConversionError."""
+    from jaxmrcnn.checkpoint import Checkpoint
+
+    meta: dict = {}
+    sd = read_checkpoint(path, meta)
+    detected = detect_format(sd)
+    if fmt == "auto":
+        fmt = detected
+        if fmt == "unknown":
+            sample = ", ".join(list(sd)[:5])
+            raise CheckpointError(
+                f"{path}: cannot tell which framework wrote this checkpoint (first keys: "
+                f"{sample}). Pass --format explicitly if you know it."
+            )
+    if fmt not in CONVERTERS:
+        raise CheckpointError(
+            f"{path} looks like a {detected} checkpoint; this version converts "
+            f"{', '.join(CONVERTERS)} checkpoints ({fmt} support is planned)"
+        )
+    if fmt != detected:
+        raise ConversionError(
+            f"{path}: --format {fmt} was asked for, but the key names are {detected}'s"
+        )
+    out: Converted = CONVERTERS[fmt].convert(sd, meta, arch=arch, bn_eps=bn_eps)
+    source = dict(out.source, file=Path(path).name)
+    ckpt = Checkpoint(config=out.config, params=out.params, classes=out.classes,
+                      category_ids=out.category_ids, source=source)
+    return ckpt, out.summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt", help="checkpoint (.pth/.pt, or .pkl)")
+    ap.add_argument("--format", default="auto", choices=FORMATS)
+    ap.add_argument("--arch", default=None,
+                    help="preset name to use instead of the one read off the shapes, e.g. "
+                    "detectron2/mask_rcnn_R_50_FPN_3x (see jaxmrcnn.config.PRESETS)")
+    ap.add_argument("--out", help="output path (default: CKPT.jaxmrcnn.msgpack)")
+    ap.add_argument(
+        "--bn-eps",
+        type=float,
+        default=None,
+        help="override the frozen-BatchNorm epsilon (default: the framework's: 0 for "
+        "torchvision v1 COCO weights, 1e-5 for v2, BatchNorm2d and Detectron2 backbones)",
+    )
+    args = ap.parse_args(argv)
+    src = Path(args.ckpt)
+    out = Path(args.out) if args.out else src.with_name(src.name.split(".")[0] + ".jaxmrcnn.msgpack")
+    try:
+        ckpt, summary = convert_file(src, fmt=args.format, arch=args.arch, bn_eps=args.bn_eps)
+    except (CheckpointError, ConversionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        print("nothing was written", file=sys.stderr)
+        return 1
+    ckpt.save(out)
+    for line in summary:
+        print(line)
+    print(f"wrote:           {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
