@@ -163,6 +163,10 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
+    def validate(self) -> None:
+        """See `validate` below: ValueError naming each wrong field."""
+        validate(self)
+
     @staticmethod
     def from_json(text: str, *, fill_from: ModelConfig | None = None) -> ModelConfig:
         """Parses `to_json` output. `fill_from`: a config whose values fill fields the JSON
@@ -203,6 +207,144 @@ def _is_tuple(hint) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_is_tuple(a) for a in typing.get_args(hint))
     return False
+
+
+# ----------------------------------------------------------------------------- validation
+# The allowed values of every string-valued field (None: the field may be None). The modules
+# that act on them keep the same lists (preprocess.RESIZE_RULES, ops.ANCHOR_FLAVOURS, ...);
+# tests/test_load_validation.py checks that the two agree.
+CHOICES: dict[tuple[str, str], tuple[str | None, ...]] = {
+    ("input", "channel_order"): ("RGB", "BGR"),
+    ("input", "resize_rule"): ("torchvision", "detectron2", "maskrcnn_benchmark", "mmdet"),
+    ("input", "resize_impl"): ("torch_bilinear", "pillow_bilinear", "opencv_linear"),
+    ("backbone", "norm"): ("frozen_bn", "affine"),
+    ("fpn", "norm"): (None, "bn"),
+    ("anchors", "flavour"): ("torchvision", "detectron2", "mmdet", "legacy"),
+    ("anchors", "stride_rule"): ("torchvision", "nominal"),
+    ("rpn", "coder_style"): ("torchvision", "legacy", "mmdet"),
+    ("pooler", "level_rule"): ("torchvision", "detectron2", "legacy", "mmdet"),
+    ("roi_heads", "box_head"): ("2fc", "4conv1fc"),
+    ("roi_heads", "box_head_norm"): (None, "bn"),
+    ("roi_heads", "box_reg"): ("per_class", "per_foreground_class", "agnostic"),
+    ("roi_heads", "coder_style"): ("torchvision", "legacy", "mmdet"),
+    ("roi_heads", "rescale"): ("multiply", "divide"),
+    ("roi_heads", "result_order"): ("score", "class"),
+    ("roi_heads", "mask_head_norm"): (None, "bn"),
+    ("paste", "method"): ("torchvision", "detectron2"),
+}
+FREE_TEXT = {("", "name")}  # string fields with any value
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Raises ValueError naming every field (the first few) whose type or value this
+    jaxmrcnn cannot run: each field has its annotated type (ints where ints are declared,
+    tuples of the declared length, bools as bools), each string field one of CHOICES, and
+    the numbers are in range (sizes positive, thresholds in [0, 1], background first or
+    last)."""
+    problems = _type_problems(ModelConfig, cfg, "")
+    if not problems:  # values are checked only once every type is right
+        problems = _value_problems(cfg)
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError("invalid model config: " + "; ".join(problems[:8]) + more)
+
+
+def _type_problems(cls, obj, where: str) -> list[str]:
+    if not isinstance(obj, cls):
+        return [f"{where or 'config'} must be a {cls.__name__}, got {type(obj).__name__}"]
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        name = f"{where}.{f.name}" if where else f.name
+        value = getattr(obj, f.name)
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _type_problems(hint, value, name)
+        elif not _has_type(value, hint):
+            out.append(f"{name} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        elif isinstance(value, str) and (where, f.name) not in FREE_TEXT:
+            allowed = CHOICES[(where, f.name)]
+            if value not in allowed:
+                out.append(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return out
+
+
+def _has_type(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON may hold a whole float as an int
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return len(value) == len(args) and all(
+            _has_type(v, a) for v, a in zip(value, args, strict=True))
+    raise TypeError(f"config.validate does not know the type {hint!r}")  # a new field's type
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        plural = {int: "integers", float: "numbers"}.get(args[0], str(args[0]))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {plural}"
+        return f"a list of {len(args)} {plural}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, str(hint))
+
+
+def _value_problems(cfg: ModelConfig) -> list[str]:
+    i, b, a, r, p, h, m = (cfg.input, cfg.backbone, cfg.anchors, cfg.rpn, cfg.pooler,
+                           cfg.roi_heads, cfg.paste)
+    checks = [
+        (i.pixel_scale > 0 and i.pixel_rescale > 0,
+         "input.pixel_scale and pixel_rescale must be > 0"),
+        (all(s > 0 for s in i.std), "input.std must be > 0"),
+        (0 < i.min_size <= i.max_size, "input needs 0 < min_size <= max_size"),
+        (i.size_divisible > 0, "input.size_divisible must be > 0"),
+        (b.depth in (50, 101, 152), f"backbone.depth must be 50, 101 or 152, got {b.depth}"),
+        (b.groups >= 1 and b.width_per_group >= 1,
+         "backbone.groups and width_per_group must be >= 1"),
+        (b.norm_eps >= 0, "backbone.norm_eps must be >= 0"),
+        (cfg.fpn.out_channels > 0 and cfg.fpn.norm_eps >= 0,
+         "fpn.out_channels must be > 0, norm_eps >= 0"),
+        (len(a.sizes) > 0 and all(s > 0 for s in a.sizes), "anchors.sizes must be positive"),
+        (len(a.aspect_ratios) > 0 and all(x > 0 for x in a.aspect_ratios),
+         "anchors.aspect_ratios must be positive"),
+        (r.num_convs >= 1 and r.pre_nms_top_n > 0 and r.post_nms_top_n > 0,
+         "rpn.num_convs, pre_nms_top_n and post_nms_top_n must be > 0"),
+        (0 <= r.nms_thresh <= 1, "rpn.nms_thresh must be in [0, 1]"),
+        (all(w > 0 for w in r.box_weights), "rpn.box_weights must be > 0"),
+        (p.box_output_size > 0 and p.mask_output_size > 0 and p.sampling_ratio >= 0
+         and p.max_samples > 0, "pooler sizes must be > 0 and sampling_ratio >= 0"),
+        (h.num_classes >= 2, f"roi_heads.num_classes must be >= 2 (background included), got "
+         f"{h.num_classes}"),
+        (h.background_index in (0, h.num_classes - 1),
+         f"roi_heads.background_index must be 0 or num_classes - 1, got {h.background_index}"),
+        (h.fc_dim > 0 and h.conv_dim > 0 and h.detections_per_img > 0 and h.mask_head_convs >= 0,
+         "roi_heads.fc_dim, conv_dim and detections_per_img must be > 0"),
+        (all(w > 0 for w in h.box_weights), "roi_heads.box_weights must be > 0"),
+        (0 <= h.nms_thresh <= 1, "roi_heads.nms_thresh must be in [0, 1]"),
+        (0 <= m.threshold <= 1 and m.padding >= 0,
+         "paste.threshold must be in [0, 1], padding >= 0"),
+    ]
+    return [msg for ok, msg in checks if not ok]
 
 
 # ----------------------------------------------------------------------------- presets

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -27,7 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmrcnn import ops
-from jaxmrcnn.checkpoint import MAGIC, Checkpoint, load_checkpoint
+from jaxmrcnn.checkpoint import (
+    MAGIC,
+    Checkpoint,
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_checkpoint,
+)
 from jaxmrcnn.config import ModelConfig
 from jaxmrcnn.model import MaskRCNN
 from jaxmrcnn.preprocess import Prepared, batch, prepare
@@ -55,16 +62,53 @@ class Detections:
         return len(self.scores)
 
 
-def enable_compilation_cache(path=None) -> str:
-    """Turns on JAX's persistent compilation cache (unless the user configured one)."""
+def enable_compilation_cache(path=None) -> str | None:
+    """Turns on JAX's persistent compilation cache in `path` (default $JAXMRCNN_CACHE_DIR,
+    else ~/.cache/jaxmrcnn/xla), unless the user configured one (then returns theirs).
+
+    These three jax.config settings are the only global state jaxmrcnn changes:
+    jax_compilation_cache_dir, jax_persistent_cache_min_compile_time_secs (0.1) and
+    jax_persistent_cache_min_entry_size_bytes (0). When the directory cannot be created or
+    written (a read-only home), nothing is changed, the caches are off (one warning per
+    process) and the result is None."""
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
-    path = path or os.environ.get("JAXMRCNN_CACHE_DIR") or Path.home() / ".cache" / "jaxmrcnn" / "xla"
-    Path(path).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    if path is None:
+        root = _cache_root()
+        path = os.environ.get("JAXMRCNN_CACHE_DIR") or (None if root is None else root / "xla")
+    directory = usable_cache_dir(path)
+    if directory is None:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return str(path)
+    return str(directory)
+
+
+_caches_off_warned = False
+
+
+def usable_cache_dir(path) -> Path | None:
+    """`path`, created if needed, when this process can write a file in it; else None, after
+    one warning per process that jaxmrcnn's caches are off (everything still runs)."""
+    global _caches_off_warned
+    try:
+        if path is None:
+            raise OSError("no home directory")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # mode bits can mislead (root, ACLs): try
+            pass
+        return path
+    except OSError as e:
+        if not _caches_off_warned:
+            _caches_off_warned = True
+            warnings.warn(
+                f"jaxmrcnn's caches are off: cannot write to {path} ({e.strerror or e}). "
+                f"Everything runs, but compiled programs and converted checkpoints are not kept "
+                f"for the next process; set JAXMRCNN_CACHE_DIR to a writable directory to keep "
+                f"them.", stacklevel=3)
+        return None
 
 
 # XLA:CPU hands convolutions, dots and elementwise ops to its YNNPACK library fusions by
@@ -138,7 +182,13 @@ def _round_up(x: int, m: int) -> int:
 
 
 class Detector:
-    """Runs a converted Mask R-CNN on lists of images. See the module docstring."""
+    """Runs a converted Mask R-CNN on lists of images. See the module docstring.
+
+    Global state: with `compilation_cache=True` (the default) constructing a Detector turns
+    on JAX's persistent compilation cache (enable_compilation_cache: three jax.config
+    settings, left alone if the user set a cache directory); nothing else global changes.
+    A cache directory that cannot be written (read-only home) turns the caches off with one
+    warning and changes nothing."""
 
     def __init__(
         self,
@@ -151,9 +201,11 @@ class Detector:
     ):
         self._program_cache = None
         self.compiler_options = resolve_compiler_options(compiler_options)
-        if compilation_cache:
+        if compilation_cache:  # the only global change: see enable_compilation_cache
             cache_dir = enable_compilation_cache()
-            self._program_cache = ProgramCache(Path(cache_dir) / "programs", self.compiler_options)
+            if cache_dir is not None:  # None: not writable, caches off (one warning)
+                self._program_cache = ProgramCache(Path(cache_dir) / "programs",
+                                                   self.compiler_options)
         self._programs: dict = {}
         self.checkpoint = checkpoint
         self.config = checkpoint.config
@@ -268,11 +320,16 @@ def load(path, **kwargs) -> Detector:
 
 
 def read_any_checkpoint(path) -> Checkpoint:
+    """The validated Checkpoint in a converted file or a framework's checkpoint; every
+    problem is a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
+        raise CheckpointNotFoundError(f"no checkpoint at {path}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
     if is_jaxmrcnn_checkpoint(head):
         return load_checkpoint(path)
     return converted_checkpoint(path)
@@ -300,26 +357,36 @@ def converted_checkpoint(path) -> Checkpoint:
     for src in sorted(converters_dir.glob("*.py")):
         digest.update(src.read_bytes())
     digest.update(source_digest().encode())
-    cache = _cache_root() / "converted" / f"{path.name.split('.')[0]}-{digest.hexdigest()[:20]}.msgpack"
-    if cache.is_file():
+    root = _cache_root()
+    folder = usable_cache_dir(None if root is None else root / "converted")  # None: off
+    name = f"{path.name.split('.')[0]}-{digest.hexdigest()[:20]}.msgpack"
+    cache = None if folder is None else folder / name
+    if cache is not None and cache.is_file():
         try:
             return load_checkpoint(cache)
-        except ValueError:  # damaged: convert again
+        except CheckpointError:  # damaged: convert again
             pass
     try:
         from jaxmrcnn.converters.from_torch import convert_file
     except ImportError as e:
-        raise ImportError(
+        raise CheckpointError(
             f"{path} is not a jaxmrcnn checkpoint; converting a framework checkpoint needs "
             f"PyTorch (pip install 'jaxmrcnn[torch]'): {e}"
         ) from None
-    ckpt, _ = convert_file(path)
-    try:
-        ckpt.save(cache)
-    except OSError as e:  # a read-only cache: converted again next time
-        warnings.warn(f"could not cache the converted checkpoint at {cache}: {e}", stacklevel=3)
+    ckpt, _ = convert_file(path)  # CheckpointError (ConversionError is one) on any problem
+    if cache is not None:
+        try:
+            ckpt.save(cache)
+        except OSError as e:  # e.g. a full disk: converted again next time
+            warnings.warn(f"could not cache the converted checkpoint at {cache}: {e}", stacklevel=3)
     return ckpt
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("JAXMRCNN_CACHE_DIR") or Path.home() / ".cache" / "jaxmrcnn")
+def _cache_root() -> Path | None:
+    """$JAXMRCNN_CACHE_DIR, else ~/.cache/jaxmrcnn; None when there is no home directory."""
+    if os.environ.get("JAXMRCNN_CACHE_DIR"):
+        return Path(os.environ["JAXMRCNN_CACHE_DIR"])
+    try:
+        return Path.home() / ".cache" / "jaxmrcnn"
+    except RuntimeError:  # no $HOME and no password entry
+        return None

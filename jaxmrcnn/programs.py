@@ -8,9 +8,11 @@ the compiled code.
 
 The key covers everything the program depends on: the caller's name for it (which must
 encode any static configuration, e.g. the model config), the argument tree with shapes and
-dtypes, the compiler options, the jax and jaxlib versions, and a digest of this package's
-source code, so an edited jaxmrcnn never reuses a stale program. A file that cannot be read
-back (truncated, from another version) is replaced by a fresh export.
+dtypes, the compiler options, the backend and device kind it runs on, the versions of every
+library that shapes the traced program (jax, jaxlib, flax, numpy: `environment()`), and a
+digest of this package's source code, so an edited jaxmrcnn never reuses a stale program. A
+file that cannot be read back (truncated, from another version) is replaced by a fresh
+export.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import flax
 import jax
 import jaxlib
+import numpy as np
 
 from jaxmrcnn.checkpoint import atomic_write
 
@@ -37,6 +41,19 @@ def source_digest() -> str:
         h.update(str(path.relative_to(PACKAGE)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def environment() -> dict[str, str]:
+    """What, besides the function and its arguments, changes a traced program: where it runs
+    and the libraries that trace it."""
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def _signature(args) -> str:
@@ -55,7 +72,7 @@ class ProgramCache:
 
     def key(self, name: str, args) -> str:
         parts = [name, _signature(args), repr(sorted((self.compiler_options or {}).items())),
-                 jax.__version__, jaxlib.__version__, source_digest()]
+                 repr(sorted(environment().items())), source_digest()]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:40]
 
     def path(self, name: str, args) -> Path:

@@ -67,3 +67,27 @@ def test_unwritable_cache_only_warns(tmp_path, args):
     with pytest.warns(UserWarning, match="could not save the traced program"):
         out = ProgramCache(blocker / "programs").get("f|cfg", fn, args)(*args)
     np.testing.assert_array_equal(out["y"], jax.jit(fn)(*args)["y"])
+
+
+class _Device:
+    device_kind = "TPU v9 imaginary"
+
+
+@pytest.mark.parametrize("component, patch", [
+    ("backend", lambda m: m.setattr(jax, "default_backend", lambda: "tpu")),
+    ("device kind", lambda m: m.setattr(jax, "devices", lambda *a: [_Device()])),
+    ("jax version", lambda m: m.setattr(jax, "__version__", "9.9.9")),
+    ("jaxlib version", lambda m: m.setattr(programs.jaxlib, "__version__", "9.9.9")),
+    ("flax version", lambda m: m.setattr(programs.flax, "__version__", "9.9.9")),
+    ("numpy version", lambda m: m.setattr(np, "__version__", "9.9.9")),
+])
+def test_key_covers_the_environment(tmp_path, args, monkeypatch, component, patch):
+    """A program traced on another backend, device or library version is never reused."""
+    cache = ProgramCache(tmp_path)
+    base = cache.key("f|cfg", args)
+    before = programs.environment()
+    patch(monkeypatch)
+    assert programs.environment() != before, component
+    assert cache.key("f|cfg", args) != base, component
+    monkeypatch.undo()
+    assert cache.key("f|cfg", args) == base  # the key is a function of these, nothing else

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxmrcnn.checkpoint import CheckpointError
 from jaxmrcnn.config import ModelConfig
 from jaxmrcnn.model import check_params, flatten_tree, param_shapes
 
@@ -26,8 +27,9 @@ BLOCKS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 BN_KEYS = {"weight": "weight", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
-class ConversionError(ValueError):
-    """The checkpoint does not fit the architecture; the message lists what is wrong."""
+class ConversionError(CheckpointError):
+    """The checkpoint does not fit the architecture; the message lists what is wrong. A
+    CheckpointError, so that jaxmrcnn.load raises one error type for every bad file."""
 
 
 @dataclasses.dataclass

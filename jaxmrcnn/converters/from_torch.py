@@ -1,13 +1,16 @@
 """Convert a PyTorch (or Detectron pickle) Mask R-CNN checkpoint into a jaxmrcnn checkpoint.
 
     python converters/from_torch.py CKPT [--format auto|torchvision|detectron2|...]
-                                         [--arch PRESET] [--out PATH] [--bn-eps E]
+                                         [--arch PRESET] [--out PATH] [--overwrite] [--bn-eps E]
 
 Reads the file without executing code from it, detects the framework from the container and
-key names and the architecture from the shapes, maps every tensor, checks every shape
-against the Flax model, and writes params + config + class list to PATH (default: CKPT with
-the suffix .jaxmrcnn.msgpack). The summary names the framework, architecture, classes and
-every convention applied. On any error nothing is written and the exit status is 1.
+key names and the architecture from the shapes, maps every tensor (float16 / bfloat16 ones
+upcast to float32, exactly), checks every shape against the Flax model, and writes params +
+config + class list to PATH (default: CKPT's name with its last suffix replaced by
+.jaxmrcnn.msgpack: model.epoch1.pth -> model.epoch1.jaxmrcnn.msgpack). An existing PATH is
+replaced only with --overwrite. The file is written atomically (fsynced, renamed into place)
+with the usual permissions. The summary names the framework, architecture, classes and every
+convention applied. On any error nothing is written and the exit status is 1.
 
 This file only dispatches: each format is a module with the same interface
 (jaxmrcnn/converters/common.py). `converters/from_torch.py` at the repository root is the
@@ -79,6 +82,13 @@ def convert_file(path, *, fmt: str = "auto", arch: str | None = None,
     return ckpt, out.summary
 
 
+def default_output(src: Path) -> Path:
+    """CKPT's path with its last suffix replaced: model.epoch1.pth ->
+    model.epoch1.jaxmrcnn.msgpack (the whole stem, so checkpoints of one run never share an
+    output)."""
+    return src.with_name(src.stem + ".jaxmrcnn.msgpack")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt", help="checkpoint (.pth/.pt, or .pkl)")
@@ -86,7 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default=None,
                     help="preset name to use instead of the one read off the shapes, e.g. "
                     "detectron2/mask_rcnn_R_50_FPN_3x (see jaxmrcnn.config.PRESETS)")
-    ap.add_argument("--out", help="output path (default: CKPT.jaxmrcnn.msgpack)")
+    ap.add_argument("--out", help="output path (default: CKPT's name with its last suffix "
+                    "replaced by .jaxmrcnn.msgpack)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the output file if it exists (default: refuse)")
     ap.add_argument(
         "--bn-eps",
         type=float,
@@ -96,14 +109,27 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     src = Path(args.ckpt)
-    out = Path(args.out) if args.out else src.with_name(src.name.split(".")[0] + ".jaxmrcnn.msgpack")
+    out = Path(args.out) if args.out else default_output(src)
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        print("nothing was written", file=sys.stderr)
+        return 1
+
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        return fail(f"the output {out} is the input checkpoint; pass another --out")
+    if out.exists() and not args.overwrite:
+        return fail(f"{out} exists; pass --overwrite to replace it, or --out another path")
     try:
         ckpt, summary = convert_file(src, fmt=args.format, arch=args.arch, bn_eps=args.bn_eps)
     except (CheckpointError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        print("nothing was written", file=sys.stderr)
-        return 1
-    ckpt.save(out)
+        return fail(str(e))
+    try:
+        ckpt.save(out, overwrite=args.overwrite)
+    except FileExistsError:  # appeared while converting
+        return fail(f"{out} exists; pass --overwrite to replace it, or --out another path")
+    except OSError as e:
+        return fail(f"cannot write {out}: {e.strerror or e}")
     for line in summary:
         print(line)
     print(f"wrote:           {out}")

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    pass
-
+from jaxmrcnn.checkpoint import CheckpointError  # one error type for every bad file
 
 _PKL_ALLOWED = {
     ("collections", "OrderedDict"),
@@ -155,9 +152,12 @@ def to_numpy_state_dict(obj, path: Path, info: dict | None = None) -> dict[str, 
         if not isinstance(k, str):
             raise CheckpointError(f"{path}: state dict key {k!r} is not a string")
         if hasattr(v, "detach"):
-            v = v.detach().cpu().numpy()
+            v = v.detach().cpu()
+            if v.is_floating_point() and v.element_size() < 4:  # bf16 has no numpy dtype
+                v = v.float()  # bf16 / fp16 -> float32 is exact
+            v = v.numpy()
         if isinstance(v, np.ndarray):
-            out[k] = v
+            out[k] = _upcast_half(v)
     if not out:
         raise CheckpointError(f"{path} contains no tensors")
     if all(k.startswith("module.") for k in out):
@@ -165,6 +165,14 @@ def to_numpy_state_dict(obj, path: Path, info: dict | None = None) -> dict[str, 
         if info is not None:
             info["module_prefix"] = True
     return out
+
+
+def _upcast_half(v: np.ndarray) -> np.ndarray:
+    """float16 / bfloat16 arrays as float32 (exact: every half value is a float32 value), so
+    half-precision checkpoints convert to the same float32 params as their upcast."""
+    if (v.dtype.kind == "f" and v.dtype.itemsize < 4) or v.dtype.name == "bfloat16":
+        return v.astype(np.float32)
+    return v
 
 
 # torch.save's legacy (pre-1.6) format begins with this number, pickled.
