@@ -6,6 +6,13 @@ The pieces `eval/coco.py` is made of, usable on their own:
     cat_map = category_mapping(det.classes, det.category_ids, gt)
     results = to_coco_results(image_id, detections, cat_map)   # bbox xywh + RLE segm
     stats = evaluate(gt, results, "bbox")                 # the 12 standard numbers
+
+and the per-image results file a long evaluation streams to (one JSON line per image,
+appended and flushed as produced, so a killed run keeps all but the image in flight):
+
+    with open(path, "a") as f: append_record(f, image_record(image_id, ..., cat_map))
+    records, note = read_records(path)                    # drops a torn last line
+    bbox, segm = records_to_results(records.values())
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import contextlib
 import copy
 import io
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +208,100 @@ def evaluate(gt: COCO, results: list[dict], iou_type: str, *, image_ids=None,
             p = p[p > -1]
             per_cat[gt.cats[cid]["name"]] = float(p.mean()) if p.size else float("nan")
     return [float(s) for s in ev.stats], per_cat, buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-image results file (JSON lines)
+# ---------------------------------------------------------------------------------------------
+class ResultsFileError(ValueError):
+    """A results file that is damaged other than by a torn last line; the message says where."""
+
+
+def image_record(image_id: int, boxes, scores, class_index, masks, cat_map: Mapping,
+                 **extra) -> dict:
+    """One image's detections as one JSON-ready record: `boxes_xywh` (COCO [x, y, w, h]),
+    `scores`, `category_ids` (the dataset's) and `masks` (COCO RLEs), in the detections'
+    order, with the classes `cat_map` drops left out (as `to_coco_results` does)."""
+    bbox, segm = to_coco_results(image_id, boxes, scores, class_index, masks, cat_map)
+    return dict(image_id=int(image_id), **extra,
+                boxes_xywh=[r["bbox"] for r in bbox], scores=[r["score"] for r in bbox],
+                category_ids=[r["category_id"] for r in bbox],
+                masks=[r["segmentation"] for r in segm])
+
+
+def error_record(image_id: int, error: str, **extra) -> dict:
+    """The record of an image that could not be evaluated (unreadable, missing): `error`."""
+    return dict(image_id=int(image_id), **extra, error=str(error))
+
+
+def records_to_results(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
+    """Records (in the order given; error records skipped) -> (bbox results, segm results)."""
+    bbox, segm = [], []
+    for r in records:
+        if "error" in r:
+            continue
+        for j, (box, score, cid) in enumerate(zip(r["boxes_xywh"], r["scores"], r["category_ids"],
+                                                  strict=True)):
+            common = dict(image_id=r["image_id"], category_id=cid, score=score)
+            bbox.append(dict(common, bbox=box))
+            if r["masks"]:
+                segm.append(dict(common, segmentation=r["masks"][j]))
+    return bbox, segm
+
+
+def record_detections(record: dict) -> dict:
+    """A record as detections for `compare.match_detections`: boxes `[N, 4]` xyxy, scores
+    `[N]`, labels `[N]` (category ids)."""
+    b = np.asarray(record.get("boxes_xywh", []), np.float64).reshape(-1, 4)
+    return dict(boxes=np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1),
+                scores=np.asarray(record.get("scores", []), np.float64),
+                labels=np.asarray(record.get("category_ids", []), np.int64))
+
+
+def append_record(f, record: dict) -> None:
+    """Appends `record` as one line to the open file `f` and flushes it to the OS (and the
+    disk): a run killed after this call keeps the record."""
+    f.write(json.dumps(record, separators=(",", ":")) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_records(path) -> tuple[dict[int, dict], str | None]:
+    """The records of a results file by image id (first record of an id wins), and a note
+    when a torn last line (from a run killed mid-write) was dropped: the file is cut back
+    to its last complete line and the torn bytes are kept in `<path>.torn`. A bad line
+    anywhere else is damage, not a kill: `ResultsFileError`. No file: no records."""
+    path = Path(path)
+    if not path.exists():
+        return {}, None
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # the last element is what follows the last newline
+    records: dict[int, dict] = {}
+    good = 0  # bytes of the complete, valid lines read so far
+    for n, line in enumerate(lines, 1):
+        ended = n < len(lines)  # a newline follows this line
+        if not line.strip():
+            good += len(line) + ended
+            continue
+        try:
+            rec = json.loads(line)
+            if not (isinstance(rec, dict) and isinstance(rec.get("image_id"), int)):
+                raise ValueError("not a record with an integer image_id")
+            if not ended:
+                raise ValueError("no end of line")
+        except ValueError as e:
+            if any(rest.strip() for rest in lines[n:]):
+                raise ResultsFileError(
+                    f"{path} line {n} is damaged ({e}) and is not the last line, so it is not "
+                    f"a run killed mid-write; fix or remove that line, or start a new run"
+                ) from None
+            torn = data[good:]
+            with open(path.with_name(path.name + ".torn"), "ab") as f:
+                f.write(torn)
+            with open(path, "r+b") as f:
+                f.truncate(good)
+            return records, (f"{path}: dropped a torn last line ({len(torn)} bytes, kept in "
+                             f"{path.name}.torn); the image it was writing is run again")
+        records.setdefault(rec["image_id"], rec)
+        good += len(line) + 1
+    return records, None

@@ -1,10 +1,12 @@
 """COCO evaluation: results conversion and COCOeval, bad inputs, and eval/coco.py end to end
-(with the torchvision reference mode) on coco-mini."""
+(with the torchvision reference mode) on coco-mini; the run folder, streaming, resume and
+unreadable images on a tiny generated shapes dataset with a stand-in detector (seconds)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,16 @@ from pycocotools.cocoeval import COCOeval
 from jaxmrcnn.classes import torchvision_coco_classes
 from jaxmrcnn.coco import (
     DatasetError,
+    ResultsFileError,
+    append_record,
     category_mapping,
     dataset_from_dict,
     evaluate,
+    image_record,
     load_dataset,
+    read_records,
+    record_detections,
+    records_to_results,
     to_coco_results,
 )
 from jaxmrcnn.images import ImageReadError, read_image
@@ -241,20 +249,18 @@ def test_cli_reference_mode_agrees(tv_v1, coco_mini, tmp_path, capsys):
     cli = _eval_cli()
     base = ["--weights", str(weights), "--images", str(img_dir), "--annotations", str(ann)]
 
-    assert cli.main(base + ["--out", str(tmp_path / "o0")]) == 1
-    err = capsys.readouterr().err
-    assert f"1 of 4 images listed in {ann} are missing" in err and ims[0]["file_name"] in err
-    assert "--skip-missing" in err and not (tmp_path / "o0" / "metrics.json").exists()
-
     out = tmp_path / "out"
-    rc = cli.main(base + ["--out", str(out), "--skip-missing", "--reference", "torchvision",
-                          "--per-category"])
+    rc = cli.main(base + ["--out", str(out), "--reference", "torchvision", "--per-category"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
-    assert "skipping 1 missing images" in printed.out
+    assert ims[0]["file_name"] in printed.err and "no such file" in printed.err  # the missing one
+    assert "skipped 1 of 4 images" in printed.out
     assert "jaxmrcnn" in printed.err and "torchvision" in printed.err  # progress bars
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["images"] == 3 and "per_category_AP" in metrics
+    assert metrics["images"] == 3 and metrics["images_skipped"] == 1
+    assert "per_category_AP" in metrics
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    assert len((out / "reference_results.jsonl").read_text().splitlines()) == 3
     gt = COCO(str(ann))
     for iou_type in ("bbox", "segm"):
         res = json.loads((out / f"results_{iou_type}.json").read_text())
@@ -280,6 +286,12 @@ def test_cli_errors(tmp_path, capsys):
     rc = cli.main(["--weights", str(tmp_path / "w"), "--images", str(tmp_path),
                    "--annotations", str(tmp_path / "bad.json")])
     assert rc == 1 and "missing the top-level field 'categories'" in capsys.readouterr().err
+    (tmp_path / "ok.json").write_text(json.dumps(_mini_dataset()))
+    (tmp_path / "w").write_bytes(b"weights")
+    rc = cli.main(["--weights", str(tmp_path / "w"), "--images", str(tmp_path),
+                   "--annotations", str(tmp_path / "ok.json")])
+    assert rc == 1 and "is --images the right folder?" in capsys.readouterr().err
+    assert not (tmp_path / "eval_results").exists()
 
 
 def test_evaluation_leaves_inputs_intact(gt):
@@ -294,3 +306,319 @@ def test_evaluation_leaves_inputs_intact(gt):
     assert json.dumps(segm, sort_keys=True) == before_res
     assert evaluate(gt, segm, "segm")[0] == first
     assert evaluate(gt, [], "bbox")[0][0] == 0.0  # an empty result set scores 0, no crash
+
+
+# ---------------------------------------------------------------------------------------------
+# The results file
+# ---------------------------------------------------------------------------------------------
+def test_record_round_trip_equals_coco_results():
+    rng = np.random.default_rng(0)
+    boxes = np.array([[1.0, 2.0, 9.5, 7.25], [0.0, 0.0, 4.0, 4.0], [3, 3, 5, 6]])
+    masks = rng.random((3, 10, 12)) > 0.5
+    cls = np.array([1, 3, 12])  # 12 is not in the map: dropped
+    cat_map = {1: 1, 3: 3}
+    rec = image_record(5, boxes, [0.9, 0.5, 0.4], cls, masks, cat_map, file_name="x.png")
+    assert rec["file_name"] == "x.png" and rec["category_ids"] == [1, 3]
+    assert json.loads(json.dumps(rec)) == rec  # JSON-ready
+    assert records_to_results([rec]) == to_coco_results(5, boxes, [0.9, 0.5, 0.4], cls, masks,
+                                                        cat_map)
+    d = record_detections(rec)
+    np.testing.assert_allclose(d["boxes"], boxes[:2], atol=1e-3)
+    assert list(d["labels"]) == [1, 3]
+
+
+def test_torn_last_line_is_dropped_and_damage_refused(tmp_path):
+    path = tmp_path / "results.jsonl"
+    with open(path, "a") as f:
+        for i in (1, 2):
+            append_record(f, {"image_id": i, "error": "x"})
+    whole = path.read_bytes()
+    assert read_records(path) == ({1: {"image_id": 1, "error": "x"},
+                                   2: {"image_id": 2, "error": "x"}}, None)
+    for torn in (b'{"image_id": 3, "boxes_xy', b'{"image_id": 3}'):  # cut mid-line / before \n
+        path.write_bytes(whole + torn)
+        records, note = read_records(path)
+        assert sorted(records) == [1, 2] and "torn last line" in note
+        assert path.read_bytes() == whole  # cut back to the last complete line
+        assert (tmp_path / "results.jsonl.torn").read_bytes().endswith(torn)  # kept
+    path.write_bytes(b'{"image_id": 1}\nnot json\n{"image_id": 2}\n')
+    with pytest.raises(ResultsFileError, match="line 2 is damaged.*not the last line"):
+        read_records(path)
+    assert read_records(tmp_path / "none.jsonl") == ({}, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval/coco.py: streaming, resume, unreadable images, run folders (a stand-in detector)
+# ---------------------------------------------------------------------------------------------
+class FakeDetector:
+    """Stands in for jaxmrcnn.Detector: each image's detections are its ground truth,
+    perturbed with a seed of its own (so AP is not trivial and the same on every run).
+    `kill_after`: raise KeyboardInterrupt (a kill) once that many images are done.
+    `check_file`: before each image, the results file must hold one line per image done
+    (detections are written as produced). `stream=True` gives it a `stream` method."""
+
+    def __init__(self, gt, img_dir, *, kill_after=None, check_file=None):
+        from jaxmrcnn.detector import Detections
+
+        self.batch_size, self.seen, self.kill_after, self.check_file = 1, [], kill_after, check_file
+        self.by_pixels = {}
+        for iid, info in gt.imgs.items():
+            path = img_dir / info["file_name"]
+            if not path.is_file():
+                continue
+            try:
+                key = read_image(path).tobytes()
+            except ImageReadError:
+                continue
+            b, s, c, m = _gt_as_detections(gt, iid, np.random.default_rng(iid))
+            self.by_pixels[key] = (iid, Detections(
+                boxes=b.astype(np.float32), scores=s.astype(np.float32), labels=c, masks=m,
+                class_index=c, names=[str(x) for x in c]))
+
+    def _one(self, image):
+        if self.check_file is not None:
+            assert len(self.check_file.read_text().splitlines()) == len(self.seen)
+        if self.kill_after is not None and len(self.seen) >= self.kill_after:
+            raise KeyboardInterrupt
+        iid, d = self.by_pixels[image.tobytes()]
+        self.seen.append(iid)
+        return d
+
+    def __call__(self, images):
+        return [self._one(a) for a in images]
+
+
+class FakeStreamDetector(FakeDetector):
+    def stream(self, images):
+        for a in images:
+            yield self._one(a)
+
+
+@pytest.fixture
+def shapes(tmp_path):
+    from jaxmrcnn.shapes import generate
+
+    img_dir, ann = generate(tmp_path / "data", n_images=6, size_hw=(150, 200))
+    (tmp_path / "w.msgpack").write_bytes(b"stand-in weights")  # hashed, never loaded
+    return img_dir, ann, load_dataset(ann), tmp_path / "w.msgpack"
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    from jaxmrcnn.checkpoint import Checkpoint
+    from jaxmrcnn.config import torchvision_maskrcnn_r50_fpn
+
+    mod = _eval_cli()
+    names, ids = torchvision_coco_classes()
+    ckpt = Checkpoint(torchvision_maskrcnn_r50_fpn(), {}, names, ids, {})
+    monkeypatch.setattr(mod, "load_weights", lambda path: ckpt)
+    mod.detectors = []  # the stand-ins made, in order
+
+    def use(factory):
+        def make(ckpt, **kw):
+            mod.detectors.append(factory())
+            return mod.detectors[-1]
+        monkeypatch.setattr(mod, "make_detector", make)
+
+    mod.use = use
+    return mod
+
+
+def _args(shapes, *extra):
+    img_dir, ann, _, weights = shapes
+    return ["--weights", str(weights), "--images", str(img_dir), "--annotations", str(ann),
+            "--min-size", "40", "--max-size", "56", *map(str, extra)]
+
+
+def test_detections_stream_to_the_results_file(cli, shapes, tmp_path, capsys):
+    img_dir, ann, gt, _ = shapes
+    out = tmp_path / "run"
+    cli.use(lambda: FakeDetector(gt, img_dir, check_file=out / "results.jsonl"))
+    assert cli.main(_args(shapes, "--out", out)) == 0, capsys.readouterr().err
+    assert cli.detectors[0].seen == sorted(gt.imgs)  # one at a time, each line written first
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    from pycocotools import mask as mask_utils
+
+    for line, iid in zip(lines, sorted(gt.imgs), strict=True):
+        rec = json.loads(line)
+        assert rec["image_id"] == iid and rec["file_name"] == gt.imgs[iid]["file_name"]
+        n = len(rec["scores"])
+        assert n > 0 and len(rec["boxes_xywh"]) == len(rec["category_ids"]) == len(rec["masks"]) == n
+        assert mask_utils.decode(rec["masks"][0]).shape == (150, 200)
+    params = json.loads((out / "run.json").read_text())
+    assert params["min_size"] == 40 and params["annotations_sha256"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 6 and metrics["images_skipped"] == 0
+    assert 0.1 < metrics["segm"]["AP"] < 0.99  # perturbed ground truth: a real score
+    assert len(json.loads((out / "results_bbox.json").read_text())) == sum(
+        len(json.loads(x)["scores"]) for x in lines)
+
+
+@pytest.mark.parametrize("factory", [FakeDetector, FakeStreamDetector])
+def test_resume_after_a_kill_equals_one_shot(cli, shapes, tmp_path, capsys, factory):
+    img_dir, ann, gt, _ = shapes
+    cli.use(lambda: factory(gt, img_dir))
+    assert cli.main(_args(shapes, "--out", tmp_path / "one")) == 0
+    one_shot = json.loads((tmp_path / "one" / "metrics.json").read_text())
+
+    run = tmp_path / "killed"
+    cli.use(lambda: factory(gt, img_dir, kill_after=3))
+    assert cli.main(_args(shapes, "--out", run)) == 130
+    assert f"--resume {run}" in capsys.readouterr().err
+    results = run / "results.jsonl"
+    assert len(results.read_text().splitlines()) == 3 and not (run / "metrics.json").exists()
+    with open(results, "a") as f:  # killed while writing the 4th image's line
+        f.write('{"image_id": 4, "file_name": "shape_0003.png", "boxes_xywh": [[1.0, 2')
+
+    cli.use(lambda: factory(gt, img_dir))
+    assert cli.main(["--resume", str(run)]) == 0, capsys.readouterr().err
+    assert "torn last line" in capsys.readouterr().err
+    assert cli.detectors[-1].seen == sorted(gt.imgs)[3:]  # only the images not done
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["bbox"] == one_shot["bbox"] and resumed["segm"] == one_shot["segm"]
+    assert resumed["images"] == 6 and resumed["images_done_before"] == 3
+    for name in ("results_bbox.json", "results_segm.json"):
+        assert (run / name).read_text() == (tmp_path / "one" / name).read_text()
+
+    cli.use(lambda: factory(gt, img_dir))  # resuming a finished run recomputes, runs nothing
+    assert cli.main(["--resume", str(run)]) == 0
+    assert cli.detectors[-1].seen == []
+    assert json.loads((run / "metrics.json").read_text())["segm"] == one_shot["segm"]
+
+
+def test_resume_with_other_parameters_is_refused(cli, shapes, tmp_path, capsys):
+    img_dir, ann, gt, weights = shapes
+    run = tmp_path / "run"
+    cli.use(lambda: FakeDetector(gt, img_dir, kill_after=2))
+    assert cli.main(_args(shapes, "--out", run)) == 130
+    before = (run / "results.jsonl").read_bytes()
+    capsys.readouterr()
+    other_weights = tmp_path / "other.msgpack"
+    other_weights.write_bytes(b"other weights")
+    other_ann = tmp_path / "ann.json"
+    other_ann.write_text(json.dumps(dict(gt.dataset, annotations=gt.dataset["annotations"][1:])))
+    for extra, message in [
+        (["--min-size", "48"], "min_size: 48 given, 40 recorded"),
+        (["--max-images", "4"], "max_images: 4 given, None recorded"),
+        (["--weights", other_weights], "weights: .*other.msgpack differs in content"),
+        (["--annotations", other_ann], "annotations: .*ann.json differs in content"),
+        (["--reference", "torchvision"], "reference: 'torchvision' given, None recorded"),
+    ]:
+        assert cli.main(["--resume", str(run), *map(str, extra)]) == 1
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "never mixed" in err, err
+    assert cli.main(["--resume", str(run), "--out", str(tmp_path / "x")]) == 1
+    assert "without --out" in capsys.readouterr().err
+    assert cli.main(["--resume", str(tmp_path)]) == 1
+    assert "not an evaluation run folder" in capsys.readouterr().err
+    assert (run / "results.jsonl").read_bytes() == before  # nothing was touched
+    assert len(cli.detectors) == 1  # and nothing was run
+    same = weights.with_name("copy.msgpack")  # the same weights elsewhere are the same run
+    same.write_bytes(weights.read_bytes())
+    cli.use(lambda: FakeDetector(gt, img_dir))
+    assert cli.main(["--resume", str(run), "--weights", str(same), "--min-size", "40"]) == 0
+
+
+def test_unreadable_images_are_skipped_and_counted(cli, shapes, tmp_path, capsys):
+    img_dir, ann, gt, _ = shapes
+    names = [gt.imgs[i]["file_name"] for i in sorted(gt.imgs)]
+    cli.use(lambda: FakeStreamDetector(gt, img_dir))
+    assert cli.main(_args(shapes, "--out", tmp_path / "clean")) == 0
+    clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+
+    data = (img_dir / names[1]).read_bytes()
+    (img_dir / names[1]).write_bytes(data[: len(data) // 2])  # truncated
+    (img_dir / names[3]).write_text("not an image")
+    (img_dir / names[4]).unlink()  # missing
+    for strict, rc in ((False, 0), (True, 1)):
+        run = tmp_path / f"strict{strict}"
+        args = _args(shapes, "--out", run) + (["--strict"] if strict else [])
+        assert cli.main(args) == rc
+        err = capsys.readouterr().err
+        for k in (1, 3, 4):
+            assert re.search(rf"skipped image {k + 1} \({names[k]}\): .*{names[k]}", err), err
+        assert ("--strict: 3 images could not be read" in err) == strict
+        metrics = json.loads((run / "metrics.json").read_text())  # written either way
+        assert metrics["images"] == 3 and metrics["images_listed"] == 6
+        assert metrics["images_skipped"] == 3
+        assert [s["file_name"] for s in metrics["skipped"]] == [names[1], names[3], names[4]]
+        assert "no such file" in metrics["skipped"][2]["error"]
+        assert sorted(cli.detectors[-1].seen) == [1, 3, 6]  # never given the bad ones
+        assert metrics["segm"] != clean["segm"]  # evaluated on the 3 readable images only
+        assert len((run / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_every_run_gets_its_own_folder(cli, shapes, tmp_path, capsys, monkeypatch):
+    img_dir, ann, gt, _ = shapes
+    monkeypatch.chdir(tmp_path)
+    cli.use(lambda: FakeDetector(gt, img_dir))
+    assert cli.main(_args(shapes)) == 0
+    assert cli.main(_args(shapes)) == 0
+    runs = sorted((tmp_path / "eval_results").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("run-") for r in runs)
+    assert all((r / "metrics.json").is_file() for r in runs)
+
+    out = runs[0]
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli.main(_args(shapes, "--out", out, "--max-images", 2)) == 1
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert cli.main(_args(shapes, "--out", out, "--max-images", 2, "--overwrite")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 2 and json.loads((out / "run.json").read_text())["max_images"] == 2
+    assert keep.read_text() == "mine"  # only the run's own files were replaced
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+class BrokenModel:
+    """A torchvision stand-in that fails on its second image."""
+
+    def __init__(self, fail=True):
+        self.n, self.fail = 0, fail
+
+    def __call__(self, xs):
+        import torch
+
+        self.n += 1
+        if self.fail and self.n == 2:
+            raise RuntimeError("out of memory in the reference")
+        h, w = xs[0].shape[1:]
+        return [dict(boxes=torch.zeros((0, 4)), scores=torch.zeros(0),
+                     labels=torch.zeros(0, dtype=torch.int64), masks=torch.zeros((0, 1, h, w)))]
+
+
+def test_failed_reference_leaves_no_stale_metrics(cli, shapes, tmp_path, capsys, monkeypatch):
+    img_dir, ann, gt, _ = shapes
+    run = tmp_path / "run"
+    cli.use(lambda: FakeDetector(gt, img_dir))
+    assert cli.main(_args(shapes, "--out", run, "--max-images", 3)) == 0
+    old = json.loads((run / "metrics.json").read_text())
+    assert old["images"] == 3
+
+    monkeypatch.setattr(cli, "make_reference", lambda ckpt: BrokenModel())
+    assert cli.main(_args(shapes, "--out", run, "--overwrite", "--reference", "torchvision")) == 1
+    err = capsys.readouterr().err
+    assert "reference run failed (RuntimeError: out of memory" in err and "--resume" in err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["images"] == 6  # this run's numbers, not the previous run's
+    assert metrics["reference"] == {"framework": "torchvision",
+                                    "error": "RuntimeError: out of memory in the reference"}
+    assert not (run / "reference_results_bbox.json").exists()
+    assert len((run / "reference_results.jsonl").read_text().splitlines()) == 1
+
+    # A resume that is killed leaves no metrics.json at all; one that succeeds retries the
+    # reference from where it stopped.
+    monkeypatch.setattr(cli, "make_reference", lambda ckpt: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["--resume", str(run)]) == 130
+    assert not (run / "metrics.json").exists()
+    model = BrokenModel(fail=False)
+    monkeypatch.setattr(cli, "make_reference", lambda ckpt: model)
+    assert cli.main(["--resume", str(run)]) == 0
+    assert model.n == 5
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["reference"]["images"] == 6 and metrics["reference"]["bbox"]["AP"] == 0.0
