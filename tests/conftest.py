@@ -3,6 +3,14 @@
 The torch reference (tests/torch_reference.py) is built once per session per version:
 seeded random weights calibrated on the test images, saved with torch.save(state_dict())
 exactly as users save torchvision models, then converted with converters/from_torch.py.
+The test images are coco-mini's PARITY_IMAGES where coco-mini is present, else images of the
+generated shapes dataset (jaxmrcnn/shapes.py), so the layer and Detector tests run everywhere;
+the parity tests need the real images (`parity_images`).
+
+Tests that need coco-mini skip without it, except in CI (CI=true), where they fail: CI must
+run everything that can run on CPU. Live tests (marker `live`: they run Detectron2's or
+maskrcnn-benchmark's own source, named by an environment variable) are deselected unless the
+`-m` expression names `live`; run without their variable they fail, naming it.
 """
 
 from __future__ import annotations
@@ -26,12 +34,21 @@ SMALL = dict(min_size=384, max_size=640)
 PARITY_IMAGES = ["000000000790.jpg", "000000069468.jpg", "000000072258.jpg"]
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def have_coco_mini() -> bool:
+    return (COCO_MINI / "annotations" / "instances_train2017.json").is_file()
+
+
 def coco_mini_or_skip() -> Path:
-    if not (COCO_MINI / "annotations" / "instances_train2017.json").is_file():
-        pytest.skip(
-            f"coco-mini not found at {COCO_MINI} (set JAXMRCNN_COCO_MINI to its folder); "
-            "these tests need the real COCO images"
-        )
+    """coco-mini's folder; without it the test skips, or fails in CI (CI=true)."""
+    if not have_coco_mini():
+        message = (f"coco-mini not found at {COCO_MINI} (set JAXMRCNN_COCO_MINI to its folder); "
+                   "these tests need the real COCO images")
+        if IN_CI:
+            pytest.fail(f"CI=true: {message}. CI must run them: provide coco-mini", pytrace=False)
+        pytest.skip(message)
     return COCO_MINI
 
 
@@ -41,10 +58,49 @@ def coco_mini() -> Path:
 
 
 @pytest.fixture(scope="session")
-def parity_images(coco_mini) -> list[np.ndarray]:
+def sample_image_paths(tmp_path_factory) -> list[Path]:
+    """coco-mini's PARITY_IMAGES where coco-mini is present, else three generated shapes
+    images (360 x 480, 1-4 shapes each): what the layer and Detector tests run on."""
+    if have_coco_mini():
+        return [COCO_MINI / "train2017" / name for name in PARITY_IMAGES]
+    from jaxmrcnn import shapes
+
+    img_dir, _ = shapes.generate(tmp_path_factory.mktemp("shapes"), n_images=3, seed=0)
+    return sorted(img_dir.glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def sample_images(sample_image_paths) -> list[np.ndarray]:
     from torch_reference import load_image
 
-    return [load_image(coco_mini / "train2017" / name) for name in PARITY_IMAGES]
+    return [load_image(p) for p in sample_image_paths]
+
+
+@pytest.fixture(scope="session")
+def parity_images(coco_mini, sample_images) -> list[np.ndarray]:
+    """The real coco-mini PARITY_IMAGES (the same arrays as `sample_images` there)."""
+    return sample_images
+
+
+def require_source(reference, framework: str) -> Path:
+    """The framework's source folder for a live test, which fails (not skips) without it."""
+    src = reference.source_dir()
+    if src is None:
+        pytest.fail(f"live test: {framework}'s source is not here: set {reference.ENV_VAR} to "
+                    f"a folder holding it (currently {os.environ.get(reference.ENV_VAR)!r}); "
+                    "live tests run only with `-m live`", pytrace=False)
+    return src
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects `live` tests unless the -m expression names `live` (`pytest -m live`). Not
+    done with `-m "not live"` in addopts: a user's own `-m "not slow"` would replace it."""
+    if "live" in (config.getoption("markexpr") or ""):
+        return
+    live = [item for item in items if item.get_closest_marker("live")]
+    if live:
+        config.hook.pytest_deselected(items=live)
+        items[:] = [item for item in items if not item.get_closest_marker("live")]
 
 
 class TorchvisionReference:
@@ -94,13 +150,14 @@ class TorchvisionReference:
 
 
 @pytest.fixture(scope="session")
-def tv_v1(parity_images, tmp_path_factory):
-    return TorchvisionReference("v1", parity_images, tmp_path_factory.mktemp("tv_v1"))
+def tv_v1(sample_images, tmp_path_factory):
+    """Calibrated on `sample_images` (coco-mini's, else generated shapes)."""
+    return TorchvisionReference("v1", sample_images, tmp_path_factory.mktemp("tv_v1"))
 
 
 @pytest.fixture(scope="session")
-def tv_v2(parity_images, tmp_path_factory):
-    return TorchvisionReference("v2", parity_images, tmp_path_factory.mktemp("tv_v2"))
+def tv_v2(sample_images, tmp_path_factory):
+    return TorchvisionReference("v2", sample_images, tmp_path_factory.mktemp("tv_v2"))
 
 
 @pytest.fixture(scope="session")

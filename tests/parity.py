@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmrcnn.compare import iou_matrix, match_detections  # noqa: F401  (re-exported)
+from jaxmrcnn.compare import (  # noqa: F401  (re-exported)
+    iou_matrix,
+    match_detections,
+    matched_box_error,
+)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

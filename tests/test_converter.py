@@ -263,3 +263,46 @@ def test_legacy_torch_serialization_is_read(tv_state_dicts, tmp_path):
 def test_format_flag_that_contradicts_the_keys_is_refused(v1_file):
     with pytest.raises(ConversionError, match="--format detectron2 was asked for"):
         convert_file(v1_file, fmt="detectron2")
+
+
+def test_five_class_model_converts_and_its_heads_compute_torchvisions(tmp_path):
+    """A torchvision model trained on 4 classes + background (num_classes=5, as the
+    fine-tuning tutorial builds it): no flags, placeholder names, and the converted box head +
+    predictor and mask head (each class's mask channel) equal torchvision's modules on random
+    features (1e-4 of the output's scale, as tests/test_layers.py)."""
+    import jax.numpy as jnp
+
+    from jaxmrcnn.model import MaskRCNN
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=5).eval()
+    path = tmp_path / "five.pth"
+    torch.save(model.state_dict(), path)
+    ckpt, summary = convert_file(path)
+    h = ckpt.config.roi_heads
+    assert (h.num_classes, h.background_index) == (5, 0)
+    assert ckpt.classes == ["__background__", "class_1", "class_2", "class_3", "class_4"]
+    assert "5 classes" in summary[1] and "COCO" not in summary[1]
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 7, 7, 256)).astype(np.float32)
+    xm = rng.standard_normal((5, 14, 14, 256)).astype(np.float32)
+    labels = np.array([1, 4, 2, 3, 4])
+    rh = model.roi_heads
+    with torch.no_grad():
+        logits, deltas = rh.box_predictor(rh.box_head(torch.from_numpy(x).permute(0, 3, 1, 2)))
+        m = rh.mask_predictor(rh.mask_head(torch.from_numpy(xm).permute(0, 3, 1, 2)))
+        mask_logits = m[torch.arange(5), torch.from_numpy(labels)].numpy()
+    ours, params = MaskRCNN(ckpt.config), {"params": ckpt.params}
+    ours_l, ours_d = ours.apply(params, jnp.asarray(x),
+                                method=lambda mod, v: mod.box_predictor(mod.box_head(v)))
+    ours_m = ours.apply(params, jnp.asarray(xm), jnp.asarray(labels),
+                        method=lambda mod, v, lab: mod.mask_head(v, lab))
+    for name, got, want in (("class logits", ours_l, logits.numpy()),
+                            ("box deltas", ours_d, deltas.numpy().reshape(6, -1, 4)),
+                            ("mask logits", ours_m, mask_logits)):
+        got = np.asarray(got)
+        assert got.shape == want.shape, f"{name}: {got.shape} vs {want.shape}"
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, f"{name}: relative error {err:.2e}"

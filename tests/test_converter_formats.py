@@ -50,6 +50,11 @@ def synthetic(module, preset: str, info: dict, seed: int = 0) -> dict[str, np.nd
 @functools.cache
 def _synthetic(module, preset: str, info: tuple, seed: int) -> dict[str, np.ndarray]:
     cfg = PRESETS[preset]()
+    k = dict(info).get("num_classes", cfg.roi_heads.num_classes)
+    h = cfg.roi_heads
+    if k != h.num_classes:  # a model trained on another dataset (background first or last)
+        bg = k - 1 if h.background_index == h.num_classes - 1 else h.background_index
+        cfg = cfg.replace(roi_heads=dict(num_classes=k, background_index=bg))
     shapes = dict(flatten_tree(param_shapes(cfg)))
     rng = np.random.default_rng(seed)
     sd = {}
@@ -234,3 +239,188 @@ def test_mmengine_training_checkpoint_with_history_buffers(tmp_path):
                 "message_hub": {"log_scalars": {"train/loss": buf}}}, path)
     ckpt, summary = convert_file(path)
     assert "v3" in summary[0] and ckpt.classes[0] == "k0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Converted weights compute the framework's numbers, without the framework. The backbone: a
+# torchvision ResNet set up as the framework's (stride in the 1x1 conv, FrozenBN's eps;
+# Detectron's AffineChannel y = x * s + b is FrozenBatchNorm2d with mean 0, var 1, eps 0), its
+# tensors written under the framework's key names (the rest of the state dict synthetic),
+# converted with no flags; C2..C5 against torchvision's. Tolerance: max |ours - ref| <= 1e-4 *
+# max |ref| (float32 sums in another order through 50-100 layers, as tests/test_layers.py);
+# a stride in the wrong conv changes them by ~0.1 of the scale, a dropped eps by >= 2% per
+# norm (the variances are ~1e-4).
+
+FORWARD_CASES = [
+    # (converter, preset, arch, norm eps, AffineChannel, stride in the 1x1)
+    pytest.param(detectron, "detectron/e2e_mask_rcnn_R-50-FPN_1x", "R_50", 0.0, True, True,
+                 id="detectron-R_50-affine-stride_in_1x1"),
+    pytest.param(detectron2, "detectron2/mask_rcnn_R_101_FPN_3x", "R_101", 1e-5, False, True,
+                 id="detectron2-R_101-stride_in_1x1"),
+]
+
+
+def torch_resnet(depth: int, *, eps: float, affine: bool, stride_in_1x1: bool, seed: int = 0):
+    """An eval torchvision ResNet with FrozenBatchNorm2d(eps) of random statistics (mean 0,
+    var 1 when `affine`), the stride of each stage's first block in its 1x1 conv if asked."""
+    from torchvision.models import resnet50, resnet101
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(seed)
+    net = {50: resnet50, 101: resnet101}[depth](
+        weights=None, norm_layer=lambda c: FrozenBatchNorm2d(c, eps=eps)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                c = m.weight.shape[0]
+                scale = 0.3 + 0.4 * torch.rand(c, generator=g)
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                if affine:
+                    m.weight.copy_(scale)
+                    m.running_mean.zero_()
+                    m.running_var.fill_(1.0)
+                else:  # small variances, so that the eps matters (2-5% of each norm's scale)
+                    var = 1e-4 * (1 + torch.rand(c, generator=g))
+                    m.weight.copy_(scale * torch.sqrt(var + eps))
+                    m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                    m.running_var.copy_(var)
+    if stride_in_1x1:
+        for layer in (net.layer2, net.layer3, net.layer4):
+            layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    return net
+
+
+def torch_backbone_by_path(net) -> dict[str, np.ndarray]:
+    """torchvision ResNet tensors keyed by our param path ("backbone/layer1_0/bn1/mean")."""
+    bn_leaf = {"weight": "weight", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+    out = {}
+    for key, value in net.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "fc":
+            continue
+        if parts[0] in ("conv1", "bn1"):
+            module, leaf = parts[0], parts[1]
+            path = ["backbone", module]
+        else:
+            block = f"{parts[0]}_{parts[1]}"
+            if parts[2] == "downsample":
+                module = "downsample_conv" if parts[3] == "0" else "downsample_bn"
+            else:
+                module = parts[2]
+            leaf = parts[-1]
+            path = ["backbone", block, module]
+        path.append("kernel" if "conv" in module else bn_leaf[leaf])
+        out["/".join(path)] = value.numpy()
+    return out
+
+
+@pytest.mark.parametrize("module, preset, arch, eps, affine, stride_in_1x1", FORWARD_CASES)
+def test_converted_backbone_computes_the_frameworks_resnet(module, preset, arch, eps, affine,
+                                                          stride_in_1x1):
+    import jax.numpy as jnp
+
+    from jaxmrcnn.model import MaskRCNN
+
+    info = info_for(module, arch)
+    net = torch_resnet(info["depth"], eps=eps, affine=affine, stride_in_1x1=stride_in_1x1)
+    by_path = torch_backbone_by_path(net)
+    sd = synthetic(module, preset, info)
+    written = 0
+    for key, (path, _) in module.key_map(info).items():
+        if path[0] == "backbone":
+            sd[key] = by_path["/".join(path)]
+            written += 1
+    n_torch = len([p for p in by_path if not (affine and p.endswith(("/mean", "/var")))])
+    assert written == n_torch  # every torchvision tensor has its framework key, and only once
+    ckpt = module.convert(sd, {})
+    b = ckpt.config.backbone
+    assert (b.depth, b.stride_in_1x1, b.norm_eps) == (info["depth"], stride_in_1x1, eps)
+    assert b.norm == ("affine" if affine else "frozen_bn")
+    assert ckpt.config.replace(name=PRESETS[preset]().name) == PRESETS[preset]()
+
+    x = np.random.default_rng(0).normal(size=(1, 64, 96, 3)).astype(np.float32)
+    with torch.no_grad():
+        t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        t = net.maxpool(net.relu(net.bn1(net.conv1(t))))
+        want = {}
+        for i, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
+            t = layer(t)
+            want[f"c{i + 2}"] = t.numpy().transpose(0, 2, 3, 1)
+    feats, _ = MaskRCNN(ckpt.config).apply(
+        {"params": ckpt.params}, jnp.asarray(x), None, method=lambda m, im, v: m.pyramid(im, v))
+    for name, ref in want.items():
+        got = np.asarray(feats[name])
+        assert got.shape == ref.shape, name
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err <= 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def test_detectron2_three_class_model_converts_and_its_heads_compute_detectron2s(tmp_path):
+    """A Detectron2 model trained on 3 classes (cls_score 4 rows: 3 + background last; 12-row
+    regressor; 3-channel mask predictor), written as DetectionCheckpointer's .pth: read off the
+    shapes with no flags, placeholder class names; the box head + predictor and the mask head
+    (the mask channel of each class) equal Detectron2's FastRCNNConvFCHead /
+    FastRCNNOutputLayers / MaskRCNNConvUpsampleHead written in torch.nn.functional (flatten
+    NCHW, fc1, relu, fc2, relu, linear; 4 x conv3x3 + relu, deconv 2x2/2 + relu, 1x1). Same
+    tolerance as tests/test_layers.py: 1e-4 of the output's scale."""
+    import jax.numpy as jnp
+    import torch.nn.functional as F
+
+    from jaxmrcnn.model import MaskRCNN
+
+    info = dict(ARCHS["R_50"], num_classes=4)
+    sd = synthetic(detectron2, "detectron2/mask_rcnn_R_50_FPN_3x", info)
+    rng = np.random.default_rng(1)
+    for key, value in sd.items():  # zero-mean head weights, so the ReLUs cut
+        if key.startswith("roi_heads."):
+            fan_in = int(np.prod(value.shape[1:])) if value.ndim > 1 else 1
+            scale = 1 / np.sqrt(fan_in) if value.ndim > 1 else 0.1
+            sd[key] = (scale * rng.standard_normal(value.shape)).astype(np.float32)
+    assert sd["roi_heads.box_predictor.cls_score.weight"].shape == (4, 1024)
+    assert sd["roi_heads.box_predictor.bbox_pred.weight"].shape == (12, 1024)
+    assert sd["roi_heads.mask_head.predictor.weight"].shape == (3, 256, 1, 1)
+    path = tmp_path / "model_final.pth"
+    write("d2_pth", sd, path)
+    ckpt, summary = convert_file(path)
+    h = ckpt.config.roi_heads
+    assert (h.num_classes, h.background_index) == (4, 3)
+    assert ckpt.classes == ["class_0", "class_1", "class_2", "__background__"]
+    assert "3 classes + background" in summary[1] and "COCO" not in summary[1]
+    assert ckpt.config.replace(name="x", roi_heads=dict(num_classes=81, background_index=80)) == (
+        PRESETS["detectron2/mask_rcnn_R_50_FPN_3x"]().replace(name="x"))
+
+    t = {k: torch.from_numpy(v) for k, v in sd.items() if k.startswith("roi_heads.")}
+    x = rng.standard_normal((6, 7, 7, 256)).astype(np.float32)
+    with torch.no_grad():
+        f = F.relu(F.linear(torch.from_numpy(x).permute(0, 3, 1, 2).flatten(1),
+                            t["roi_heads.box_head.fc1.weight"], t["roi_heads.box_head.fc1.bias"]))
+        f = F.relu(F.linear(f, t["roi_heads.box_head.fc2.weight"], t["roi_heads.box_head.fc2.bias"]))
+        p = "roi_heads.box_predictor."
+        logits = F.linear(f, t[p + "cls_score.weight"], t[p + "cls_score.bias"]).numpy()
+        deltas = F.linear(f, t[p + "bbox_pred.weight"], t[p + "bbox_pred.bias"]).numpy()
+    xm = rng.standard_normal((5, 14, 14, 256)).astype(np.float32)
+    labels = np.array([0, 2, 1, 2, 0])  # Detectron2's class index (== ours; background last)
+    with torch.no_grad():
+        m = torch.from_numpy(xm).permute(0, 3, 1, 2)
+        for i in range(1, 5):
+            w = f"roi_heads.mask_head.mask_fcn{i}."
+            m = F.relu(F.conv2d(m, t[w + "weight"], t[w + "bias"], padding=1))
+        m = F.relu(F.conv_transpose2d(m, t["roi_heads.mask_head.deconv.weight"],
+                                      t["roi_heads.mask_head.deconv.bias"], stride=2))
+        m = F.conv2d(m, t["roi_heads.mask_head.predictor.weight"],
+                     t["roi_heads.mask_head.predictor.bias"])
+        mask_logits = m[torch.arange(5), torch.from_numpy(labels)].numpy()
+
+    model, params = MaskRCNN(ckpt.config), {"params": ckpt.params}
+    ours_l, ours_d = model.apply(params, jnp.asarray(x),
+                                 method=lambda mod, v: mod.box_predictor(mod.box_head(v)))
+    ours_m = model.apply(params, jnp.asarray(xm), jnp.asarray(labels),
+                         method=lambda mod, v, lab: mod.mask_head(v, lab))
+    for name, got, want in (("class logits", ours_l, logits),
+                            ("box deltas", ours_d, deltas.reshape(6, -1, 4)),
+                            ("mask logits", ours_m, mask_logits)):
+        got = np.asarray(got)
+        assert got.shape == want.shape, f"{name}: {got.shape} vs {want.shape}"
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, f"{name}: relative error {err:.2e}"

@@ -1,6 +1,7 @@
 """The Detector API: input conversion and errors, bucketing and batching invariance, the
 demo CLI and the persistent compilation cache. Uses the calibrated torchvision v1 model of
-conftest.py at the small test size."""
+conftest.py at the small test size, on conftest's `sample_images`: coco-mini's where it is
+present, else generated shapes images (these tests need no real images)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def _same(a, b, *, atol=1e-4):
         assert differ < 1e-4, f"{differ:.2e} of mask pixels differ"
 
 
-def test_output_contract(detector, parity_images):
-    img = parity_images[0]
+def test_output_contract(detector, sample_images):
+    img = sample_images[0]
     (det,) = detector([img])
     n = len(det)
     assert n > 0
@@ -52,8 +53,8 @@ def test_output_contract(detector, parity_images):
     assert [detector.classes[i] for i in det.class_index] == det.names
 
 
-def test_grayscale_and_rgba_are_converted(detector, parity_images):
-    img = parity_images[1]
+def test_grayscale_and_rgba_are_converted(detector, sample_images):
+    img = sample_images[1]
     gray = np.asarray(Image.fromarray(img).convert("L"))
     rgba = np.concatenate([img, np.full(img.shape[:2] + (1,), 7, np.uint8)], axis=2)
     d_gray, d_gray3, d_rgba, d_rgb = detector([gray, np.repeat(gray[:, :, None], 3, 2), rgba, img])
@@ -76,15 +77,15 @@ def test_bad_images_raise_clear_errors(detector, bad, message):
         detector([bad])
 
 
-def test_single_array_instead_of_list(detector, parity_images):
+def test_single_array_instead_of_list(detector, sample_images):
     with pytest.raises(ValueError, match="pass a list of images"):
-        detector(parity_images[0])
+        detector(sample_images[0])
 
 
-def test_buckets_and_batching_do_not_change_results(tv_v1, parity_images, detector):
+def test_buckets_and_batching_do_not_change_results(tv_v1, sample_images, detector):
     """One image at a time on the default buckets == three images batched by 2 (the last
     batch padded with an empty slot) on a larger square canvas that pads every image further."""
-    imgs = parity_images[:2] + [parity_images[0][:300, :250]]  # one more, of another shape
+    imgs = sample_images[:2] + [sample_images[0][:300, :250]]  # one more, of another shape
     bucketed = Detector(tv_v1.checkpoint, buckets=[(640, 640)], batch_size=2)
     canvases = {tuple(p.padded_hw) for p in bucketed.prepare(imgs)}
     assert (640, 640) not in canvases  # the bucket really pads further
@@ -94,7 +95,7 @@ def test_buckets_and_batching_do_not_change_results(tv_v1, parity_images, detect
         _same(a, b)
 
 
-def test_cpu_compiler_options_do_not_change_results(tv_v1, parity_images, detector):
+def test_cpu_compiler_options_do_not_change_results(tv_v1, sample_images, detector):
     """The Detector compiles with CPU_COMPILER_OPTIONS on CPU (a speed setting); XLA's
     defaults give the same detections, up to the order of near-equal scores (a different
     summation order moves scores by ~1e-6)."""
@@ -102,7 +103,7 @@ def test_cpu_compiler_options_do_not_change_results(tv_v1, parity_images, detect
         assert detector.compiler_options == CPU_COMPILER_OPTIONS, "the option is not in effect"
     plain = Detector(tv_v1.checkpoint, compiler_options=None)
     assert plain.compiler_options is None
-    imgs = parity_images[:2]
+    imgs = sample_images[:2]
     for a, b in zip(detector(imgs), plain(imgs), strict=True):
         pairs, matched = match_detections(a, b, score_tol=1e-4)
         assert matched == 1.0 and len(a) == len(b)
@@ -118,13 +119,13 @@ def test_compiler_options_setting_is_checked(tv_v1):
     assert resolve_compiler_options({"xla_cpu_enable_fast_math": False}) == {"xla_cpu_enable_fast_math": False}
 
 
-def test_demo_cli_and_compilation_cache(tv_v1, coco_mini, tmp_path):
+def test_demo_cli_and_compilation_cache(tv_v1, sample_image_paths, tmp_path):
     """The demo draws PNGs; the first process fills the persistent compilation cache and the
     traced-program cache, and a second one reads them back unchanged and draws the same
     picture (the timing is in benchmarks/inference.py, not here)."""
     weights = tmp_path / "small.jaxmrcnn.msgpack"
     tv_v1.checkpoint.save(weights)
-    images = [str(coco_mini / "train2017" / "000000000790.jpg"), str(tmp_path / "missing.jpg")]
+    images = [str(sample_image_paths[0]), str(tmp_path / "missing.jpg")]
     env = dict(os.environ, JAXMRCNN_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "jaxmrcnn.demo", "--weights", str(weights), *images,
            "--out", str(tmp_path / "out"), "--score-thresh", "0.0"]
@@ -132,11 +133,11 @@ def test_demo_cli_and_compilation_cache(tv_v1, coco_mini, tmp_path):
     assert first.returncode == 0, first.stderr
     assert "missing.jpg" in first.stdout + first.stderr and "skipped" in first.stdout + first.stderr
     assert "images" in first.stderr  # the progress bar
-    png = tmp_path / "out" / "000000000790.png"
-    with Image.open(png) as im:
-        assert im.size == (640, 422)  # the input's size
-        drawn = np.asarray(im.convert("RGB"))
+    png = tmp_path / "out" / (sample_image_paths[0].stem + ".png")
     original = np.asarray(Image.open(images[0]).convert("RGB"))
+    with Image.open(png) as im:
+        assert im.size == original.shape[1::-1]  # the input's size
+        drawn = np.asarray(im.convert("RGB"))
     assert (drawn != original).any(axis=2).mean() > 0.01  # masks and boxes were drawn
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert cached, "the first run wrote nothing to the compilation cache"

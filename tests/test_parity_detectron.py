@@ -1,8 +1,9 @@
 """Detectron (Caffe2) `.pkl` checkpoints: conversion, and parity with Detectron weights as the
 REAL maskrcnn-benchmark runs them (its configs/caffe2/*_caffe2.yaml and Caffe2 loader).
 
-Parity (needs maskrcnn-benchmark's source, reference_maskrcnn_benchmark.source_dir(); skipped
-with the reason otherwise): a maskrcnn-benchmark e2e_mask_rcnn_R_50_FPN_1x_caffe2 model with
+Parity (live tests, marker `live`: `JAXMRCNN_MASKRCNN_BENCHMARK_SRC=... pytest -m live`; they
+need maskrcnn-benchmark's source, reference_maskrcnn_benchmark.source_dir(), and fail without
+it; deselected by default): a maskrcnn-benchmark e2e_mask_rcnn_R_50_FPN_1x_caffe2 model with
 seeded random weights, calibrated on the 3 parity images at 384/640, is written as a
 Detectron `.pkl` (tests/reference_detectron.py: exact blob names and shapes, AffineChannel
 norms, momentum blobs, ImageNet leftovers, pickled as Python 2 wrote the model zoo files) and
@@ -51,8 +52,8 @@ import numpy as np
 import pytest
 import reference_detectron as D
 import reference_maskrcnn_benchmark as R
-from conftest import PARITY_IMAGES, SMALL
-from parity import mask_iou, match_boxes, match_detections
+from conftest import PARITY_IMAGES, SMALL, require_source
+from parity import mask_iou, match_boxes, match_detections, matched_box_error
 
 from jaxmrcnn.converters import detectron
 from jaxmrcnn.converters.common import ConversionError
@@ -72,11 +73,20 @@ INFO = {
     "R_101": dict(depth=101, groups=1, width_per_group=64, num_classes=81),
     "X_101_32x8d": dict(depth=101, groups=32, width_per_group=8, num_classes=81),
 }
-needs_mb = pytest.mark.skipif(
-    R.source_dir() is None,
-    reason=f"maskrcnn-benchmark's source is not here (set {R.ENV_VAR} to a checkout of "
-    "github:facebookresearch/maskrcnn-benchmark): the Detectron parity reference runs it",
-)
+
+
+def needs_mb(test):
+    """A live test (marker `live`, deselected unless `-m live`): the Detectron parity reference
+    runs maskrcnn-benchmark's own source, named by $JAXMRCNN_MASKRCNN_BENCHMARK_SRC (a checkout
+    of github:facebookresearch/maskrcnn-benchmark); it fails without it."""
+    return pytest.mark.live(pytest.mark.usefixtures("mb_source")(test))
+
+
+@pytest.fixture(scope="module")
+def mb_source():
+    return require_source(R, "maskrcnn-benchmark")
+
+
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 BOX_TOL_PX = 0.1
 
@@ -385,9 +395,7 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def ref(coco_mini, tmp_path_factory):
-    if R.source_dir() is None:
-        pytest.skip("maskrcnn-benchmark's source is not here")
+def ref(mb_source, coco_mini, tmp_path_factory):
     r = Reference(coco_mini, tmp_path_factory.mktemp("detectron"))
     yield r
     for k, v in r.timings.items():
@@ -489,7 +497,7 @@ def test_parity(ref, index):
     pairs, frac = match_detections(r, ours)  # same label: MB's 1..80 == our class index
     stats["detections_matched"] = f"{len(pairs)}/{len(r['scores'])} (ours {len(ours['scores'])})"
     assert frac >= 0.99, f"only {frac:.3f} of the reference's detections matched"
-    box_diff = max(float(np.abs(r["boxes"][i] - ours["boxes"][j]).max()) for i, j in pairs)
+    box_diff = matched_box_error(r, ours, pairs)
     stats["max_box_diff_px"] = f"{box_diff:.4f}"
     assert box_diff <= BOX_TOL_PX
     order = [j for _, j in sorted(pairs)]

@@ -9,10 +9,11 @@ zoo's `.pkl` and as DetectionCheckpointer's `.pth`, both converted with no flags
 model is compared with the goldens stage by stage. The goldens are non-trivial (asserted:
 >= 50 detections of distinct scores, masks mostly non-empty, proposals spread), so these tests
 cannot pass on degenerate outputs. They need only coco-mini, numpy and torch: they never skip
-for want of Detectron2. Where Detectron2's source is present (reference_detectron2.source_dir),
-more tests rerun it: the synthetic keys/shapes are a real model's, a fresh run on the rebuilt
-checkpoint equals the golden exactly (a stale golden fails), the converted config equals what
-Detectron2's config states, and the class mapping is Detectron2's COCO metadata.
+for want of Detectron2. Live tests (marker `live`: `JAXMRCNN_DETECTRON2_SRC=... pytest -m live`;
+deselected otherwise, and failing without the variable) rerun Detectron2 itself: the synthetic
+keys/shapes are a real model's, a fresh run on the rebuilt checkpoint equals the golden exactly
+(a stale golden fails), the converted config equals what Detectron2's config states, and the
+class mapping is Detectron2's COCO metadata.
 
 Tolerances:
   input          sampled values of the normalised padded tensor: |diff| <= 1e-5 * (1 + |x|)
@@ -57,8 +58,8 @@ import jax
 import numpy as np
 import pytest
 import reference_detectron2 as R
-from conftest import PARITY_IMAGES, SMALL
-from parity import mask_iou, match_detections
+from conftest import PARITY_IMAGES, SMALL, require_source
+from parity import mask_iou, match_detections, matched_box_error
 
 from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn import ops, preprocess
@@ -70,11 +71,19 @@ from jaxmrcnn.model import MaskRCNN, flatten_tree
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = [pytest.param("R_50", id="R_50"),
          pytest.param("X_101_32x8d", id="X_101_32x8d", marks=pytest.mark.slow)]
-needs_detectron2 = pytest.mark.skipif(
-    R.source_dir() is None,
-    reason=f"Detectron2's source is not here (set {R.ENV_VAR} to a folder holding the "
-    f"`detectron2` package); the golden tests above cover CI without it",
-)
+
+
+def needs_detectron2(test):
+    """A live test (marker `live`, deselected unless `-m live`): it runs Detectron2's own source,
+    named by $JAXMRCNN_DETECTRON2_SRC, and fails without it; the golden tests cover CI."""
+    return pytest.mark.live(pytest.mark.usefixtures("detectron2_source")(test))
+
+
+@pytest.fixture
+def detectron2_source():
+    return require_source(R, "Detectron2")
+
+
 BOX_TOL_PX = 0.05
 MASK_PROB_TOL = 3e-3
 FLOAT16_PROB_TOL = 5e-4  # the golden's float16 probabilities: rounding <= 2.5e-4, pasted too
@@ -296,7 +305,7 @@ def check_image(case, index, image):
     pairs, frac = match_detections(ref, dets)
     stats["detections_matched"] = frac
     assert frac >= 0.99, f"only {frac:.3f} of the reference's detections matched"
-    box_diff = max(np.abs(g["boxes"][i] - dets.boxes[k]).max() for i, k in pairs)
+    box_diff = matched_box_error(ref, dets, pairs)
     stats["pairs"] = len(pairs)
     stats["max_box_diff_px"] = float(box_diff)
     assert box_diff <= BOX_TOL_PX, f"matched boxes differ by up to {box_diff:.3f} px"

@@ -12,8 +12,8 @@ by `python converters/from_torch.py FILE`, no flags) and zip (converted in-proce
 model is compared with the goldens stage by stage. The goldens are non-trivial (asserted: >= 50
 detections of distinct scores, masks mostly non-empty, proposals spread), so these tests cannot
 pass on degenerate outputs. They need only coco-mini, numpy and torch: they never skip for want
-of MB. Where MB's source is present (reference_maskrcnn_benchmark.source_dir), more tests rerun
-it: the synthetic keys/shapes/order/anchors and the file's container are a real model's and
+of MB. Live tests (marker `live`: `JAXMRCNN_MASKRCNN_BENCHMARK_SRC=... pytest -m live`;
+deselected otherwise, and failing without the variable) rerun MB itself: the synthetic keys/shapes/order/anchors and the file's container are a real model's and
 MB's Checkpointer's, a fresh run on the rebuilt checkpoint equals the golden exactly (a stale
 golden fails), the converted config equals what MB's config states, and the class mapping is
 MB's COCODataset's.
@@ -76,8 +76,8 @@ import numpy as np
 import pytest
 import reference_maskrcnn_benchmark as R
 import torch
-from conftest import PARITY_IMAGES, SMALL
-from parity import mask_iou, match_detections
+from conftest import PARITY_IMAGES, SMALL, require_source
+from parity import mask_iou, match_detections, matched_box_error
 
 from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn import ops, preprocess
@@ -89,11 +89,20 @@ from jaxmrcnn.model import MaskRCNN, flatten_tree
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = [pytest.param("R_50", id="R_50"),
          pytest.param("X_101_32x8d", id="X_101_32x8d", marks=pytest.mark.slow)]
-needs_mb = pytest.mark.skipif(
-    R.source_dir() is None,
-    reason=f"maskrcnn-benchmark's source is not here (set {R.ENV_VAR} to a checkout holding the "
-    f"`maskrcnn_benchmark` package and `configs/`); the golden tests above cover CI without it",
-)
+
+
+def needs_mb(test):
+    """A live test (marker `live`, deselected unless `-m live`): it runs maskrcnn-benchmark's own
+    source, named by $JAXMRCNN_MASKRCNN_BENCHMARK_SRC (a checkout holding the
+    `maskrcnn_benchmark` package and `configs/`), and fails without it; the goldens cover CI."""
+    return pytest.mark.live(pytest.mark.usefixtures("mb_source")(test))
+
+
+@pytest.fixture
+def mb_source():
+    return require_source(R, "maskrcnn-benchmark")
+
+
 BOX_TOL_PX = 0.05
 MASK_PROB_TOL = 3e-3
 FLOAT16_PROB_TOL = 5e-4  # the golden's float16 probabilities: rounding <= 2.5e-4, pasted too
@@ -345,7 +354,7 @@ def check_image(case, index, image):
     stats["same_position"] = f"{sum(i == k for i, k in pairs)}/{len(g['scores'])}"
     assert np.all(np.diff(dets.class_index) >= 0), "ours are not ordered by class"
 
-    box_diff = max(np.abs(g["boxes"][i] - dets.boxes[k]).max() for i, k in pairs)
+    box_diff = matched_box_error(ref, dets, pairs)
     stats["pairs"] = len(pairs)
     stats["max_box_diff_px"] = float(box_diff)
     assert box_diff <= BOX_TOL_PX, f"matched boxes differ by up to {box_diff:.3f} px"

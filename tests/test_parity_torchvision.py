@@ -23,12 +23,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from parity import mask_iou, match_boxes, match_detections
+from parity import mask_iou, match_boxes, match_detections, matched_box_error
 
 from jaxmrcnn import preprocess
 from jaxmrcnn.detector import resolve_compiler_options
 from jaxmrcnn.model import MaskRCNN
 
+BOX_TOL_PX = 0.05
 LEVELS = {"0": "p2", "1": "p3", "2": "p4", "3": "p5", "pool": "p6"}
 
 
@@ -87,6 +88,9 @@ def check_image(ref, image):
     assert abs(len(ours["scores"]) - len(r["scores"])) <= max(1, len(r["scores"]) // 100)
     pairs, frac = match_detections(r, ours)
     assert frac >= 0.99, f"only {frac:.3f} of the reference's detections matched"
+    box_err = matched_box_error(r, ours, pairs)
+    print(f"\nmax matched box diff {box_err:.2e} px over {len(pairs)} pairs")
+    assert box_err <= BOX_TOL_PX, f"matched boxes differ by up to {box_err:.3f} px"
     return r, det, pairs
 
 
@@ -171,3 +175,26 @@ def test_converter_summary_names_the_architecture(tv_v1, tv_v2):
     assert "v2" in tv_v2.summary[0]
     assert tv_v1.checkpoint.config.backbone.norm_eps == 0.0  # FrozenBatchNorm2d as COCO_V1
     assert tv_v2.checkpoint.config.fpn.norm == "bn"
+
+
+def test_matched_box_error_catches_a_half_pixel_or_plus_one_slip():
+    """The box bound of every parity test sees slips that IoU >= 0.99 matching lets through:
+    on boxes of 200-500 px, a half-pixel shift or a +1 on x2/y2 keeps IoU >= 0.99."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (20, 2))
+    ref = dict(boxes=np.concatenate([xy, xy + rng.uniform(200, 500, (20, 2))], 1).astype(np.float32),
+               scores=np.linspace(0.9, 0.1, 20), labels=rng.integers(1, 91, 20))
+    noise = dict(ref, boxes=ref["boxes"] + rng.uniform(-2e-3, 2e-3, (20, 4)).astype(np.float32))
+    pairs, frac = match_detections(ref, noise)
+    assert frac == 1.0 and matched_box_error(ref, noise, pairs) <= 2e-3 + 1e-6
+    for shift in ([0.5, 0.5, 0.5, 0.5], [0, 0, 1, 1], [-0.5, 0, 0, 0]):
+        slipped = dict(ref, boxes=ref["boxes"] + np.float32(shift))
+        pairs, frac = match_detections(ref, slipped)
+        assert frac == 1.0, "the slip should get through IoU matching (that is the point)"
+        err = matched_box_error(ref, slipped, pairs)
+        assert err == pytest.approx(max(abs(v) for v in shift), abs=1e-4)
+        assert err > BOX_TOL_PX
+    one = dict(ref, boxes=ref["boxes"].copy())
+    one["boxes"][7, 1] += 0.06  # a single coordinate of a single box
+    assert matched_box_error(ref, one, match_detections(ref, one)[0]) == pytest.approx(0.06, abs=1e-4)
+    assert matched_box_error(ref, one, []) == 0.0
