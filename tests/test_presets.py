@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import pytest
 
 from jaxmrcnn import config as C
@@ -50,7 +51,16 @@ def test_version1_checkpoint_gets_torchvision_values(tmp_path):
                         ("roi_heads", "box_reg"), ("roi_heads", "clip_to_original"),
                         ("input", "resize_impl")]:
         del data[part][field]
-    Checkpoint(cfg, {"w": __import__("numpy").zeros(2)}, ["a"], [1], {}).save(tmp_path / "x")
+    import numpy as np
+
+    from jaxmrcnn.classes import torchvision_coco_classes
+    from jaxmrcnn.model import param_shapes
+
+    # params of the model the config builds (loading validates every path, shape and dtype)
+    params = jax.tree.map(lambda s: np.zeros(s, np.float32), param_shapes(cfg),
+                          is_leaf=lambda s: isinstance(s, tuple))
+    names, ids = torchvision_coco_classes()
+    Checkpoint(cfg, params, names, ids, {}).save(tmp_path / "x")
     payload = serialization.msgpack_restore((tmp_path / "x").read_bytes())
     payload["version"] = 1
     payload["config"] = json.dumps(data)
