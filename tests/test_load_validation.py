@@ -10,6 +10,7 @@ The checkpoint is a slimmed torchvision config (narrow ResNet-50, 16-channel FPN
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -310,3 +311,127 @@ def test_validation_finds_each_problem_in_memory():
         bad.validate()
     flat = dict(flatten_tree(expected_params(tiny_config())))
     assert LEAF in flat and flat[LEAF].dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- read-only home
+# The child drops every capability before it starts Python (prctl PR_CAPBSET_DROP, then
+# exec), so that a chmod 0o500 directory is read-only even when the tests run as root; it
+# checks that for itself before anything else.
+DROP_CAPABILITIES_THEN_EXEC = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for cap in range(64):
+    libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EPERM/EINVAL (not root, no such cap): fine
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
+
+CHILD = """
+import json, os, sys, warnings
+home, tiny, pth, infer = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+try:
+    open(os.path.join(home, "probe"), "w").close()
+    writable = True
+except OSError:
+    writable = False
+import jax
+import numpy as np
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import jaxmrcnn
+    before = dict(jax.config.values)
+    det = jaxmrcnn.load(tiny)                 # a converted file, caches on by default
+    det2 = jaxmrcnn.load(pth) if pth else None  # a framework file: converted, cache skipped
+    after = dict(jax.config.values)
+    n = len(det([np.full((40, 56, 3), 127, np.uint8)])[0]) if infer else -1
+changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+print("RESULT " + json.dumps(dict(
+    writable=writable, changed=changed, n=n, program_cache=det._program_cache is not None,
+    warnings=[str(w.message) for w in caught if "jaxmrcnn" in str(w.message)],
+    classes=det2.classes if det2 else None)))
+"""
+
+CACHE_KEYS = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+              "jax_persistent_cache_min_entry_size_bytes"]
+
+
+def _run_child(tmp_path, home, cache_dir, tiny, pth="", infer=False) -> dict:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAXMRCNN_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR")}
+    env["HOME"] = str(home)
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # compiles the one inference faster
+    if cache_dir is not None:
+        env["JAXMRCNN_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.run(
+        [sys.executable, "-c", DROP_CAPABILITIES_THEN_EXEC, "-c", CHILD, str(home), str(tiny),
+         str(pth), "1" if infer else "0"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def _small_file(tmp_path, good_bytes):
+    """The tiny checkpoint with a 64-pixel input, so one inference compiles quickly."""
+    payload = serialization.msgpack_restore(good_bytes)
+    data = json.loads(payload["config"])
+    data["input"].update(min_size=64, max_size=64)
+    payload["config"] = json.dumps(data)
+    path = tmp_path / "small.jaxmrcnn.msgpack"
+    path.write_bytes(serialization.msgpack_serialize(payload))
+    return path
+
+
+@pytest.fixture
+def read_only_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o500)
+    yield home
+    home.chmod(0o700)
+
+
+@pytest.mark.parametrize("cache_env", ["JAXMRCNN_CACHE_DIR=home", "unset"])
+def test_read_only_home_turns_caches_off_with_one_warning(
+        tmp_path, good_bytes, read_only_home, cache_env):
+    """HOME (and JAXMRCNN_CACHE_DIR) a chmod 0o500 directory: jaxmrcnn.load of a converted
+    file and of a framework file both work, one warning says the caches are off, no jax
+    config changes, and the detector runs."""
+    import torch
+    import torchvision
+
+    tiny = _small_file(tmp_path, good_bytes)
+    pth = ""
+    if cache_env == "unset":  # also a framework file, whose conversion cache is skipped
+        torch.manual_seed(0)
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=3)
+        pth = tmp_path / "tv.pth"
+        torch.save(model.state_dict(), pth)
+    cache = read_only_home if cache_env != "unset" else None
+    got = _run_child(tmp_path, read_only_home, cache, tiny, pth, infer=cache_env != "unset")
+    assert not got["writable"], "the test could not make a read-only directory"
+    assert got["changed"] == [], "jax config changed although the cache dir is not writable"
+    assert len(got["warnings"]) == 1 and "jaxmrcnn's caches are off" in got["warnings"][0]
+    assert str(read_only_home) in got["warnings"][0]
+    assert not got["program_cache"]
+    if pth:
+        assert len(got["classes"]) == 3
+    else:
+        assert got["n"] >= 0  # the detector ran
+    assert list(read_only_home.iterdir()) == []
+
+
+def test_writable_cache_changes_only_the_documented_jax_config(tmp_path, good_bytes):
+    """The control: a writable cache dir turns the caches on, and the three compilation-cache
+    settings are the only global JAX state a Detector changes."""
+    home = tmp_path / "home"
+    home.mkdir()
+    got = _run_child(tmp_path, home, tmp_path / "cache", _small_file(tmp_path, good_bytes))
+    assert got["writable"]
+    assert "jax_compilation_cache_dir" in got["changed"]
+    assert set(got["changed"]) <= set(CACHE_KEYS)  # (a setting may already have its value)
+    assert got["warnings"] == [] and got["program_cache"]
+    assert (tmp_path / "cache").is_dir()
