@@ -110,7 +110,10 @@ def param_problems(cfg: ModelConfig, params) -> list[str]:
                   if not isinstance(v, np.ndarray)]
     if not_arrays:
         return [f"not arrays ({len(not_arrays)}): " + "; ".join(not_arrays[:_SHOW])]
-    want = expected_params(cfg)
+    try:
+        want = expected_params(cfg)
+    except Exception as e:  # a config that passes validate but cannot build the model
+        return [f"its config cannot build a model ({type(e).__name__}: {str(e)[:200]})"]
     shapes = _unflatten({k: tuple(v.shape) for k, v in want.items()})
     out = []
     try:

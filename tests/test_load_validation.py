@@ -206,6 +206,7 @@ def test_many_problems_are_listed_a_few_at_a_time(tmp_path, payload):
     ("anchors", "flavour", "yolo", "anchors.flavour must be one of"),
     ("roi_heads", "background_index", 1, "roi_heads.background_index must be 0 or num_classes - 1"),
     ("input", "min_size", 0, "input needs 0 < min_size <= max_size"),
+    ("anchors", "sizes", [32, 64], r"anchors.sizes must be 5 positive sizes \(P2..P6\)"),
 ])
 def test_unknown_config_value(tmp_path, payload, part, field, value, match):
     data = _config(payload)
@@ -241,6 +242,17 @@ def test_config_fields_missing_or_unknown(tmp_path, payload, edit, match):
     edit(data)
     payload["config"] = json.dumps(data)
     _rejects(_write(tmp_path, payload), "model config cannot be read: " + match)
+
+
+def test_config_that_cannot_build_a_model(tmp_path, payload, monkeypatch):
+    """A config that passes validate but on which the model itself fails is reported too."""
+    from jaxmrcnn import checkpoint
+
+    def fails(cfg):
+        raise IndexError("deep inside the model")
+
+    monkeypatch.setattr(checkpoint, "expected_params", fails)
+    _rejects(_write(tmp_path, payload), r"cannot build a model \(IndexError: deep inside")
 
 
 @pytest.mark.parametrize("config", ["{not json", 7])
