@@ -89,9 +89,23 @@ def default_output(src: Path) -> Path:
     return src.with_name(src.stem + ".jaxmrcnn.msgpack")
 
 
+def print_zoo() -> None:
+    """The model-zoo catalogue: name, framework, published box / mask AP."""
+    from jaxmrcnn import zoo
+
+    print(f"{'name':<52} {'framework':<20} {'box AP':>6} {'mask AP':>7}")
+    for e in zoo.list():
+        box, mask = e.get("box_ap"), e.get("mask_ap")
+        print(f"{e['name']:<52} {e['framework']:<20} {box if box is not None else '-':>6} "
+              f"{mask if mask is not None else '-':>7}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ckpt", help="checkpoint (.pth/.pt, or .pkl)")
+    ap.add_argument("ckpt", nargs="?",
+                    help="checkpoint (.pth/.pt, or .pkl), or a model-zoo name (see --list), "
+                    "e.g. detectron2/mask_rcnn_R_50_FPN_3x: downloaded, verified and cached")
+    ap.add_argument("--list", action="store_true", help="list the model zoo and exit")
     ap.add_argument("--format", default="auto", choices=FORMATS)
     ap.add_argument("--arch", default=None,
                     help="preset name to use instead of the one read off the shapes, e.g. "
@@ -108,13 +122,30 @@ def main(argv=None) -> int:
         "torchvision v1 COCO weights, 1e-5 for v2, BatchNorm2d and Detectron2 backbones)",
     )
     args = ap.parse_args(argv)
-    src = Path(args.ckpt)
-    out = Path(args.out) if args.out else default_output(src)
+    from jaxmrcnn import zoo
+
+    if args.list:
+        print_zoo()
+        return 0
+    if args.ckpt is None:
+        ap.error("give a checkpoint file or a model-zoo name (--list shows them)")
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
         print("nothing was written", file=sys.stderr)
         return 1
+
+    src = Path(args.ckpt)
+    if not src.exists() and zoo.is_known(args.ckpt):  # a model-zoo name
+        entry = zoo.get(args.ckpt)
+        try:
+            src = zoo.resolve(args.ckpt)
+        except zoo.ZooError as e:
+            return fail(str(e))
+        args.arch = args.arch or entry.get("preset")
+        out = Path(args.out) if args.out else Path.cwd() / (src.stem + ".jaxmrcnn.msgpack")
+    else:
+        out = Path(args.out) if args.out else default_output(src)
 
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         return fail(f"the output {out} is the input checkpoint; pass another --out")
