@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from jaxmrcnn.checkpoint import (
     load_checkpoint,
 )
 from jaxmrcnn.config import ModelConfig
-from jaxmrcnn.model import MaskRCNN
+from jaxmrcnn.model import PRECISIONS, MaskRCNN, matmul_precision
 from jaxmrcnn.preprocess import Prepared, batch, prepare
 from jaxmrcnn.programs import ProgramCache, source_digest
 
@@ -198,7 +200,11 @@ class Detector:
         batch_size: int = 1,
         compilation_cache: bool = True,
         compiler_options="auto",
+        precision: str = "float32",
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision  # of matmuls and convolutions (model.PRECISIONS)
         self._program_cache = None
         self.compiler_options = resolve_compiler_options(compiler_options)
         if compilation_cache:  # the only global change: see enable_compilation_cache
@@ -223,18 +229,18 @@ class Detector:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.params = jax.device_put(checkpoint.params)
-        self.model = MaskRCNN(self.config)
+        self.model = MaskRCNN(self.config, precision=precision)
         pc = self.config.paste
-        self._paste = jax.jit(
-            partial(
-                ops.paste_masks,
-                method=pc.method,
-                threshold=pc.threshold,
-                strict=pc.strict,
-                padding=pc.padding,
-            ),
-            static_argnames=("out_hw",),
+        paste = partial(
+            ops.paste_masks, method=pc.method, threshold=pc.threshold, strict=pc.strict,
+            padding=pc.padding,
         )
+
+        def paste_at_precision(*args, **kwargs):
+            with matmul_precision(precision):
+                return paste(*args, **kwargs)
+
+        self._paste = jax.jit(paste_at_precision, static_argnames=("out_hw",))
 
     def _infer_fn(self, params, images, info):
         dets, _ = self.model.apply({"params": params}, images, info)
@@ -248,7 +254,7 @@ class Detector:
             if self._program_cache is None:
                 self._programs[key] = jax.jit(self._infer_fn, compiler_options=self.compiler_options)
             else:
-                name = f"maskrcnn|{self.config!r}"
+                name = f"maskrcnn|{self.precision}|{self.config!r}"
                 self._programs[key] = self._program_cache.get(name, self._infer_fn, (self.params, images, info))
         return self._programs[key]
 
@@ -263,53 +269,142 @@ class Detector:
     def run_prepared(self, prepared: list[Prepared]) -> list[dict]:
         """Raw padded outputs per image (numpy): boxes, scores, class_index, masks
         (M x M probabilities), valid. Groups images by canvas and batches them."""
-        results: list[dict | None] = [None] * len(prepared)
+        return self._collect(self._dispatch(prepared), len(prepared))
+
+    def _dispatch(self, prepared: list[Prepared]) -> list:
+        """Starts the model on `prepared`, grouped by canvas and batched, without waiting for
+        it (JAX dispatch is asynchronous): [(image indices, the batch's device outputs)]."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(prepared):
             groups.setdefault(choose_canvas(p.padded_hw, self.buckets), []).append(i)
+        running = []
         for canvas, idxs in groups.items():
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start : start + self.batch_size]
                 images, info, _ = batch([prepared[i] for i in chunk], canvas, self.batch_size)
-                out = jax.device_get(self._program(images, info)(self.params, images, info))
-                for j, i in enumerate(chunk):
-                    results[i] = {k: v[j] for k, v in out.items()}
+                running.append((chunk, self._program(images, info)(self.params, images, info)))
+        return running
+
+    @staticmethod
+    def _collect(running: list, n: int) -> list[dict]:
+        """`_dispatch`'s outputs on the host, per image (waits for the device)."""
+        results: list[dict | None] = [None] * n
+        for chunk, out in running:
+            out = jax.device_get(out)
+            for j, i in enumerate(chunk):
+                results[i] = {k: v[j] for k, v in out.items()}
         return results
 
     def paste(self, raw: dict, orig_hw: tuple[int, int]) -> np.ndarray:
         """`[N, H, W]` bool masks of the valid detections in `raw`."""
+        return self._paste_result(self._paste_start(raw, orig_hw), orig_hw)
+
+    def _paste_start(self, raw: dict, orig_hw: tuple[int, int]):
+        """Dispatches the paste of `raw`'s valid masks: (device array or None, count)."""
         valid = raw["valid"]
         n = int(valid.sum())
         h, w = orig_hw
         if n == 0:
-            return np.zeros((0, h, w), bool)
+            return None, 0
         n_pad = _round_up(n, 20)
         masks = np.zeros((n_pad,) + raw["masks"].shape[1:], np.float32)
         boxes = np.zeros((n_pad, 4), np.float32)
         masks[:n] = raw["masks"][valid]
         boxes[:n] = raw["boxes"][valid]
         out_hw = (_round_up(h, 64), _round_up(w, 64))
-        pasted = self._paste(jnp.asarray(masks), jnp.asarray(boxes), out_hw=out_hw, image_hw=jnp.array([h, w]))
+        pasted = self._paste(jnp.asarray(masks), jnp.asarray(boxes), out_hw=out_hw,
+                             image_hw=jnp.array([h, w]))
+        return pasted, n
+
+    @staticmethod
+    def _paste_result(started, orig_hw: tuple[int, int]) -> np.ndarray:
+        pasted, n = started
+        h, w = orig_hw
+        if pasted is None:
+            return np.zeros((0, h, w), bool)
         return np.asarray(pasted)[:n, :h, :w]
 
-    def to_detections(self, raw: dict, orig_hw: tuple[int, int], with_masks: bool = True) -> Detections:
+    def to_detections(self, raw: dict, orig_hw: tuple[int, int],
+                      with_masks: bool = True) -> Detections:
+        masks = self.paste(raw, orig_hw) if with_masks else None
+        return self._detections(raw, masks)
+
+    def _detections(self, raw: dict, masks: np.ndarray | None) -> Detections:
+        """Detections of `raw`'s valid rows, with pasted `masks` (None: no masks)."""
         valid = raw["valid"]
         cls = raw["class_index"][valid].astype(np.int64)
-        h, w = orig_hw
         return Detections(
             boxes=raw["boxes"][valid].astype(np.float32),
             scores=raw["scores"][valid].astype(np.float32),
             labels=self.category_ids[cls],
-            masks=self.paste(raw, orig_hw) if with_masks else np.zeros((len(cls), 0, 0), bool),
+            masks=masks if masks is not None else np.zeros((len(cls), 0, 0), bool),
             class_index=cls,
             names=[self.classes[c] for c in cls],
         )
 
-    def __call__(self, images, *, masks: bool = True) -> list[Detections]:
-        """images: list of HxWx3 uint8 RGB arrays (grayscale and RGBA are converted)."""
-        prepared = self.prepare(images)
-        raws = self.run_prepared(prepared)
-        return [self.to_detections(r, p.orig_hw, masks) for r, p in zip(raws, prepared, strict=True)]
+    def __call__(self, images, *, masks: bool = True,
+                 chunk_size: int | None = None) -> list[Detections]:
+        """images: a list (or any iterable) of HxWx3 uint8 RGB arrays (grayscale and RGBA are
+        converted) -> their Detections, in order. Runs `stream`: bounded memory for any
+        number of images (beyond the returned Detections themselves)."""
+        return list(self.stream(images, masks=masks, chunk_size=chunk_size))
+
+    # ------------------------------------------------------------------ streaming
+    def stream(self, images: Iterable, *, masks: bool = True,
+               chunk_size: int | None = None) -> Iterator[Detections]:
+        """Yields the Detections of each image of `images` (any iterable of HxWx3 uint8 RGB
+        arrays: a list, or a generator that reads files), in input order, holding at most
+        three chunks of `chunk_size` images (default 4 x batch_size) at a time.
+
+        A pipeline over chunks, host work beside device work (on a CPU backend the device's
+        programs run one at a time, in dispatch order):
+
+            thread    take chunk i+1 from `images` (the iterable's own work, e.g. decoding,
+                      included) and preprocess it
+            main      wait for chunk i-1's outputs; dispatch its mask pastes; dispatch
+                      chunk i's model (both asynchronous, so the device runs them back to
+                      back); then build chunk i-1's Detections and yield them while the
+                      device runs chunk i
+
+        Each image goes through the same programs as in `run_prepared` + `to_detections`, so
+        the results are the same bit for bit whatever `chunk_size`.
+        """
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            raise ValueError("pass a list of images, e.g. det([image]), not a single array")
+        if not isinstance(images, Iterable) or isinstance(images, (str, bytes, dict)):
+            raise ValueError(
+                f"images must be a list of HxWx3 uint8 arrays, got {type(images).__name__}")
+        chunk_size = chunk_size or 4 * self.batch_size
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        source = iter(images)
+
+        def next_chunk() -> list[Prepared]:
+            return [prepare(img, self.config.input) for img in itertools.islice(source, chunk_size)]
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="jaxmrcnn-prepare")
+        try:
+            ahead = pool.submit(next_chunk)
+            previous = None  # (prepared, running) of the chunk on the device
+            while True:
+                prepared = ahead.result()
+                if prepared:
+                    ahead = pool.submit(next_chunk)
+                if previous is not None:
+                    raws = self._collect(previous[1], len(previous[0]))
+                    pastes = [self._paste_start(r, p.orig_hw) if masks else None
+                              for r, p in zip(raws, previous[0], strict=True)]
+                running = self._dispatch(prepared) if prepared else None
+                if previous is not None:
+                    for r, p, started in zip(raws, previous[0], pastes, strict=True):
+                        yield self._detections(
+                            r, self._paste_result(started, p.orig_hw) if masks else None)
+                    del raws, pastes
+                if not prepared:
+                    return
+                previous = (prepared, running)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load(path, **kwargs) -> Detector:

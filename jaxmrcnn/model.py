@@ -13,6 +13,8 @@ computed exactly as the source framework computes it alone (padded to its own mu
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,8 +37,27 @@ def mask_num_classes(cfg: ModelConfig) -> int:
     return rh.num_classes - 1 if rh.background_index == rh.num_classes - 1 else rh.num_classes
 
 
+# Matmul/convolution precision, named as jax.default_matmul_precision names them. "float32"
+# (the default) makes every dot and convolution of the program carry precision HIGHEST, so a
+# GPU (whose default is TF32) or a TPU (bfloat16 passes) computes what a CPU computes;
+# "tensorfloat32" and "bfloat16" are faster where a user accepts less; "default" leaves the
+# precision unset (the backend's default, or the user's jax_default_matmul_precision).
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
+
+
+def matmul_precision(precision: str):
+    """A trace-time context giving every dot/convolution traced inside it `precision` (one of
+    PRECISIONS). It changes no global setting: only the program traced within it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "default":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
+
+
 class MaskRCNN(nn.Module):
     cfg: ModelConfig
+    precision: str = "float32"  # of matmuls and convolutions: one of PRECISIONS
 
     def setup(self):
         cfg = self.cfg
@@ -51,10 +72,16 @@ class MaskRCNN(nn.Module):
         )
 
     def pyramid(self, images, padded_hw):
-        feats = self.backbone(images, padded_hw)
-        return feats, self.fpn(feats, padded_hw)
+        with matmul_precision(self.precision):
+            feats = self.backbone(images, padded_hw)
+            return feats, self.fpn(feats, padded_hw)
 
     def __call__(self, images, info, return_aux: bool = False):
+        """The model (see `_forward`), every dot and convolution at `self.precision`."""
+        with matmul_precision(self.precision):
+            return self._forward(images, info, return_aux)
+
+    def _forward(self, images, info, return_aux: bool = False):
         """images `[B, H, W, 3]` (normalized, zero-padded) -> (detections, aux).
 
         detections: boxes `[B, D, 4]` in original-image pixels, scores `[B, D]`, class_index
