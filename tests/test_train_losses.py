@@ -55,7 +55,7 @@ def scene(seed=0):
         (yy >= 80) & (yy < 118) & (xx >= 70) & (xx < 122),  # rectangle
         (yy - 100) ** 2 + (xx - 25) ** 2 < 12 ** 2,  # small disc
     ]).astype(np.uint8)
-    for m, colour in zip(masks, [(0.9, 0.1, 0.1), (0.1, 0.8, 0.2), (0.1, 0.2, 0.9)]):
+    for m, colour in zip(masks, [(0.9, 0.1, 0.1), (0.1, 0.8, 0.2), (0.1, 0.2, 0.9)], strict=True):
         img[m.astype(bool)] = colour
     boxes = []
     for m in masks:

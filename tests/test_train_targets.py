@@ -33,7 +33,8 @@ def random_boxes(rng, n, size=128.0, integer=False):
 
 
 def tv_match(iou, high, low, allow):
-    return tv_utils.Matcher(high, low, allow_low_quality_matches=allow)(torch.from_numpy(iou)).numpy()
+    matcher = tv_utils.Matcher(high, low, allow_low_quality_matches=allow)
+    return matcher(torch.from_numpy(iou)).numpy()
 
 
 @pytest.mark.parametrize("high,low,allow", [(0.7, 0.3, True), (0.5, 0.5, False)])
@@ -151,7 +152,8 @@ def test_encode_equals_torchvision_boxcoder(weights):
     rng = np.random.default_rng(5)
     ref = random_boxes(rng, 300)
     tgt = random_boxes(rng, 300)
-    want = tv_utils.BoxCoder(weights).encode_single(torch.from_numpy(tgt), torch.from_numpy(ref)).numpy()
+    coder = tv_utils.BoxCoder(weights)
+    want = coder.encode_single(torch.from_numpy(tgt), torch.from_numpy(ref)).numpy()
     got = np.asarray(T.encode_targets(jnp.asarray(tgt), jnp.asarray(ref), weights))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -190,7 +192,8 @@ def test_proposal_targets_classes_and_ignore():
               classes=jnp.asarray([[5, 9, 0]]), valid=jnp.asarray([[True, True, False]]))
     props = jnp.asarray([[[0, 0, 10, 10], [21, 21, 40, 40], [0, 0, 30, 30], [60, 60, 70, 70]]],
                         jnp.float32)
-    labels, classes, matched = T.proposal_targets(props, jnp.ones((1, 4), bool), gt, high=0.5, low=0.5)
+    labels, classes, matched = T.proposal_targets(props, jnp.ones((1, 4), bool), gt,
+                                                  high=0.5, low=0.5)
     np.testing.assert_array_equal(np.asarray(labels[0]), [1, 1, 0, 0])
     np.testing.assert_array_equal(np.asarray(classes[0]), [5, 9, 0, 0])
     np.testing.assert_array_equal(np.asarray(matched[0])[:2], [0, 1])

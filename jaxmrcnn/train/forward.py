@@ -54,7 +54,7 @@ def box_rows_for(labels, box_reg: str, num_classes: int, background_index: int):
     return labels
 
 
-def training_forward(module, images, info, gt, key, tcfg: TrainConfig = TrainConfig()):
+def training_forward(module, images, info, gt, key, tcfg: TrainConfig | None = None):
     """`module`: a bound MaskRCNN. images `[B, H, W, 3]` normalized; info as MaskRCNN's
     (image_hw, padded_hw); gt as targets.py; key a PRNG key.
 
@@ -67,6 +67,7 @@ def training_forward(module, images, info, gt, key, tcfg: TrainConfig = TrainCon
       proposals + gt ([B, P + G]); proposals [B, P, 4], proposal_valid [B, P]
       mask_logits / mask_targets [B, S3, M, M], mask_valid [B, S3]
     """
+    tcfg = TrainConfig() if tcfg is None else tcfg
     with _precision(module):
         return _forward(module, images, info, gt, key, tcfg)
 

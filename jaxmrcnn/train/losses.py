@@ -78,7 +78,7 @@ def mask_loss(out):
 
 
 def maskrcnn_losses(params, images, info, gt, key, cfg: ModelConfig,
-                    tcfg: TrainConfig = TrainConfig(), *, model: MaskRCNN | None = None):
+                    tcfg: TrainConfig | None = None, *, model: MaskRCNN | None = None):
     """The Mask R-CNN training losses of a batch -> (losses, out).
 
     params: the MaskRCNN params tree (a converted checkpoint's fits as is); images
@@ -89,6 +89,7 @@ def maskrcnn_losses(params, images, info, gt, key, cfg: ModelConfig,
     (sampled indices, targets, logits). Pure and shape-static: wrap in jax.jit with `cfg`,
     `tcfg` static (they are hashable frozen dataclasses).
     """
+    tcfg = TrainConfig() if tcfg is None else tcfg
     model = MaskRCNN(cfg) if model is None else model
     out = model.apply({"params": params}, images, info, gt, key, tcfg, method=training_forward)
     losses = {}
