@@ -212,8 +212,21 @@ def take_recorded(args, recorded: dict) -> None:
             setattr(args, key, json.dumps(value) if key == "class_map" else value)
 
 
+def weights_file(weights: str) -> Path:
+    """The file behind --weights: the path itself, or a model-zoo name's verified download."""
+    from jaxmrcnn import zoo
+
+    if not Path(weights).exists() and zoo.is_known(weights):
+        try:
+            return zoo.resolve(weights)
+        except zoo.ZooError as e:
+            raise EvalError(str(e)) from None
+    return Path(weights)
+
+
 def run_params(args, class_map) -> dict:
-    return dict(weights=str(Path(args.weights).resolve()), weights_sha256=sha256(args.weights),
+    wfile = weights_file(args.weights)
+    return dict(weights=str(wfile.resolve()), weights_sha256=sha256(wfile),
                 images=str(Path(args.images).resolve()),
                 annotations=str(Path(args.annotations).resolve()),
                 annotations_sha256=sha256(args.annotations),
@@ -394,7 +407,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="With no arguments: " + __doc__.split("With no arguments")[1])
-    ap.add_argument("--weights", help="converted checkpoint (converters/from_torch.py)")
+    ap.add_argument("--weights", help="converted checkpoint (converters/from_torch.py), a "
+                    "framework's checkpoint file, or a model-zoo name (converters/from_torch.py "
+                    "--list)")
     ap.add_argument("--images", help="folder of the dataset's images")
     ap.add_argument("--annotations", help="COCO instances JSON")
     ap.add_argument("--batch-size", type=int, default=1, help="images per jitted batch")
@@ -434,9 +449,14 @@ def parse_class_map(text):
 
 
 def load_weights(path):
-    from jaxmrcnn.checkpoint import load_checkpoint
+    """A converted checkpoint, a framework's checkpoint file, or a model-zoo name."""
+    from jaxmrcnn import zoo
+    from jaxmrcnn.detector import read_any_checkpoint
 
-    return load_checkpoint(path)
+    try:
+        return read_any_checkpoint(path)
+    except zoo.ZooError as e:
+        raise EvalError(str(e)) from None
 
 
 def run(args) -> dict:

@@ -408,15 +408,22 @@ class Detector:
 
 
 def load(path, **kwargs) -> Detector:
-    """A Detector from a converted checkpoint (converters/from_torch.py), or directly from a
+    """A Detector from a converted checkpoint (converters/from_torch.py), directly from a
     framework's own checkpoint file (torchvision, Detectron2, mmdet, maskrcnn-benchmark,
-    Detectron), which is converted in memory once and cached (see `converted_checkpoint`)."""
+    Detectron), which is converted in memory once and cached (see `converted_checkpoint`),
+    or from a model-zoo name such as "detectron2/mask_rcnn_R_50_FPN_3x" (`jaxmrcnn.zoo`)."""
     return Detector(read_any_checkpoint(path), **kwargs)
 
 
 def read_any_checkpoint(path) -> Checkpoint:
-    """The validated Checkpoint in a converted file or a framework's checkpoint; every
-    problem is a CheckpointError naming the file."""
+    """The validated Checkpoint in a converted file, a framework's checkpoint, or a model-zoo
+    name (`jaxmrcnn.zoo`: downloaded, verified, converted with its preset, all cached); every
+    problem is a CheckpointError naming the file (a zoo.ZooError for a failed download)."""
+    from jaxmrcnn import zoo
+
+    if not Path(path).exists() and zoo.is_known(str(path)):
+        entry = zoo.get(str(path))
+        return converted_checkpoint(zoo.resolve(str(path)), arch=entry.get("preset"))
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"no checkpoint at {path}")
@@ -437,10 +444,11 @@ def is_jaxmrcnn_checkpoint(head: bytes) -> bool:
     return len(head) > 1 and 0x81 <= head[0] <= 0x8F and MAGIC.encode() in head
 
 
-def converted_checkpoint(path) -> Checkpoint:
+def converted_checkpoint(path, arch: str | None = None) -> Checkpoint:
     """A framework checkpoint converted (jaxmrcnn.converters, which needs PyTorch for
     .pth files), cached as a jaxmrcnn checkpoint under `<cache>/converted/`, keyed by the
-    file's sha256 and the converters' source, so the next load skips the conversion."""
+    file's sha256, `arch` (a preset name, else read off the shapes) and the converters'
+    source, so the next load skips the conversion."""
     import hashlib
 
     path = Path(path)
@@ -452,6 +460,7 @@ def converted_checkpoint(path) -> Checkpoint:
     for src in sorted(converters_dir.glob("*.py")):
         digest.update(src.read_bytes())
     digest.update(source_digest().encode())
+    digest.update(f"arch={arch}".encode())
     root = _cache_root()
     folder = usable_cache_dir(None if root is None else root / "converted")  # None: off
     name = f"{path.name.split('.')[0]}-{digest.hexdigest()[:20]}.msgpack"
@@ -468,7 +477,7 @@ def converted_checkpoint(path) -> Checkpoint:
             f"{path} is not a jaxmrcnn checkpoint; converting a framework checkpoint needs "
             f"PyTorch (pip install 'jaxmrcnn[torch]'): {e}"
         ) from None
-    ckpt, _ = convert_file(path)  # CheckpointError (ConversionError is one) on any problem
+    ckpt, _ = convert_file(path, arch=arch)  # CheckpointError (ConversionError is one) on any problem
     if cache is not None:
         try:
             ckpt.save(cache)
