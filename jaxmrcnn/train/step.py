@@ -232,7 +232,7 @@ def train_step(state, batch, seed_key, *, cfg: ModelConfig, tcfg: TrainConfig, t
         return losses["loss"], losses
 
     (_, losses), grads = jax.value_and_grad(total, has_aux=True)(state["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
