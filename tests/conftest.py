@@ -60,13 +60,24 @@ def coco_mini() -> Path:
 @pytest.fixture(scope="session")
 def sample_image_paths(tmp_path_factory) -> list[Path]:
     """coco-mini's PARITY_IMAGES where coco-mini is present, else three generated shapes
-    images (360 x 480, 1-4 shapes each): what the layer and Detector tests run on."""
+    images (360 x 480, 1-4 shapes each): what the layer and Detector tests run on. The shapes
+    get seeded pixel noise (std 12): flat colour gives exactly equal features, hence exactly
+    tied scores over whole regions, which float noise then breaks either way."""
     if have_coco_mini():
         return [COCO_MINI / "train2017" / name for name in PARITY_IMAGES]
+    from PIL import Image
+
     from jaxmrcnn import shapes
 
     img_dir, _ = shapes.generate(tmp_path_factory.mktemp("shapes"), n_images=3, seed=0)
-    return sorted(img_dir.glob("*.png"))
+    paths = sorted(img_dir.glob("*.png"))
+    rng = np.random.default_rng(0)
+    for p in paths:
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("RGB"), np.float32)
+        a = np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(p)
+    return paths
 
 
 @pytest.fixture(scope="session")

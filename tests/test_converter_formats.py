@@ -395,7 +395,8 @@ def test_detectron2_three_class_model_converts_and_its_heads_compute_detectron2s
     with torch.no_grad():
         f = F.relu(F.linear(torch.from_numpy(x).permute(0, 3, 1, 2).flatten(1),
                             t["roi_heads.box_head.fc1.weight"], t["roi_heads.box_head.fc1.bias"]))
-        f = F.relu(F.linear(f, t["roi_heads.box_head.fc2.weight"], t["roi_heads.box_head.fc2.bias"]))
+        f = F.relu(F.linear(f, t["roi_heads.box_head.fc2.weight"],
+                            t["roi_heads.box_head.fc2.bias"]))
         p = "roi_heads.box_predictor."
         logits = F.linear(f, t[p + "cls_score.weight"], t[p + "cls_score.bias"]).numpy()
         deltas = F.linear(f, t[p + "bbox_pred.weight"], t[p + "bbox_pred.bias"]).numpy()

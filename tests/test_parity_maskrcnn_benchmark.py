@@ -13,7 +13,8 @@ model is compared with the goldens stage by stage. The goldens are non-trivial (
 detections of distinct scores, masks mostly non-empty, proposals spread), so these tests cannot
 pass on degenerate outputs. They need only coco-mini, numpy and torch: they never skip for want
 of MB. Live tests (marker `live`: `JAXMRCNN_MASKRCNN_BENCHMARK_SRC=... pytest -m live`;
-deselected otherwise, and failing without the variable) rerun MB itself: the synthetic keys/shapes/order/anchors and the file's container are a real model's and
+deselected otherwise, and failing without the variable) rerun MB itself: the synthetic
+keys/shapes/order/anchors and the file's container are a real model's and
 MB's Checkpointer's, a fresh run on the rebuilt checkpoint equals the golden exactly (a stale
 golden fails), the converted config equals what MB's config states, and the class mapping is
 MB's COCODataset's.

@@ -14,8 +14,11 @@ Tolerances (the same as the torchvision and Detectron2 parity tests, with their 
                  order through 50+ layers; observed ~3e-5).
   proposals      >= 99.8% of the reference's within 0.05 px on every coordinate.
   detections     >= 99% matched one to one (same label, IoU >= 0.99, |score diff| <= 1e-3),
-                 and every matched box within 0.1 px of the reference's on every coordinate
-                 (float noise through exp(dw) reaches ~0.02 px on 600 px images):
+                 and every matched box within BOX_TOL_PX = 0.1 px of the reference's on every
+                 coordinate (compare.matched_box_error; observed <= 3.5e-3 px for R50 at
+                 384/640; float noise through exp(dw) reaches ~0.02 px on 600 px images, and
+                 the slow caffe / X101-64x4d cases, not re-measured with this helper, keep
+                 the bound they had):
                  a +1 or half-pixel convention slip moves boxes by >= 0.5 px.
   masks          matched pairs IoU >= 0.98, or (small masks, where one pixel costs more than
                  2%) our paste equals mmdet's own _do_paste_mask of our probabilities and box,
