@@ -76,7 +76,9 @@ from jaxmrcnn.coco import (  # noqa: E402
 from jaxmrcnn.compare import match_detections  # noqa: E402
 from jaxmrcnn.images import ImageReadError, read_image  # noqa: E402
 
-COCO_MINI = Path(os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini"))
+COCO_MINI = Path(
+    os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini")
+)
 
 
 class EvalError(Exception):
@@ -404,9 +406,11 @@ def print_table(title, stats, ref=None):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="With no arguments: " + __doc__.split("With no arguments")[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="With no arguments: " + __doc__.split("With no arguments")[1],
+    )
     ap.add_argument("--weights", help="converted checkpoint (converters/from_torch.py), a "
                     "framework's checkpoint file, or a model-zoo name (converters/from_torch.py "
                     "--list)")

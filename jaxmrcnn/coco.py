@@ -87,7 +87,9 @@ def dataset_from_dict(data, name: str = "dataset") -> COCO:
                 raise DatasetError(f"{name}: {field}[{i}] must be an object")
             for k in keys:
                 if k not in item:
-                    raise DatasetError(f"{name} is not COCO format: {field}[{i}] has no '{k}' field")
+                    raise DatasetError(
+                        f"{name} is not COCO format: {field}[{i}] has no '{k}' field"
+                    )
     for i, a in enumerate(data["annotations"]):
         if "segmentation" not in a:
             raise DatasetError(
@@ -145,7 +147,8 @@ def category_mapping(classes, category_ids, gt: COCO, mapping: Mapping | None = 
         raise DatasetError(
             "the model's classes do not match the dataset's categories: "
             + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
-            + ". Pass --class-map JSON ({\"model class\": \"dataset category\"}) to evaluate anyway."
+            + ". Pass --class-map JSON ({\"model class\": \"dataset category\"})"
+            " to evaluate anyway."
         )
     return {i: c for i, (_, c) in model.items() if c in cats}
 

@@ -252,10 +252,14 @@ class Detector:
         key = images.shape
         if key not in self._programs:
             if self._program_cache is None:
-                self._programs[key] = jax.jit(self._infer_fn, compiler_options=self.compiler_options)
+                self._programs[key] = jax.jit(
+                    self._infer_fn, compiler_options=self.compiler_options
+                )
             else:
                 name = f"maskrcnn|{self.precision}|{self.config!r}"
-                self._programs[key] = self._program_cache.get(name, self._infer_fn, (self.params, images, info))
+                self._programs[key] = self._program_cache.get(
+                    name, self._infer_fn, (self.params, images, info)
+                )
         return self._programs[key]
 
     # ------------------------------------------------------------------ batching
@@ -263,7 +267,9 @@ class Detector:
         if isinstance(images, np.ndarray) and images.ndim in (2, 3):
             raise ValueError("pass a list of images, e.g. det([image]), not a single array")
         if not isinstance(images, (list, tuple)):
-            raise ValueError(f"images must be a list of HxWx3 uint8 arrays, got {type(images).__name__}")
+            raise ValueError(
+                f"images must be a list of HxWx3 uint8 arrays, got {type(images).__name__}"
+            )
         return [prepare(img, self.config.input) for img in images]
 
     def run_prepared(self, prepared: list[Prepared]) -> list[dict]:
@@ -477,7 +483,8 @@ def converted_checkpoint(path, arch: str | None = None) -> Checkpoint:
             f"{path} is not a jaxmrcnn checkpoint; converting a framework checkpoint needs "
             f"PyTorch (pip install 'jaxmrcnn[torch]'): {e}"
         ) from None
-    ckpt, _ = convert_file(path, arch=arch)  # CheckpointError (ConversionError is one) on any problem
+    # CheckpointError (ConversionError is one) on any problem
+    ckpt, _ = convert_file(path, arch=arch)
     if cache is not None:
         try:
             ckpt.save(cache)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxmrcnn import ops
-from jaxmrcnn.config import ModelConfig
 from jaxmrcnn.box_postprocess import box_detections
+from jaxmrcnn.config import ModelConfig
 from jaxmrcnn.layers.box_head import BoxHead, BoxPredictor
 from jaxmrcnn.layers.fpn import FPN
 from jaxmrcnn.layers.mask_head import MaskHead
@@ -85,8 +85,9 @@ class MaskRCNN(nn.Module):
         """images `[B, H, W, 3]` (normalized, zero-padded) -> (detections, aux).
 
         detections: boxes `[B, D, 4]` in original-image pixels, scores `[B, D]`, class_index
-        `[B, D]` (the model's class index, not a dataset category id), masks `[B, D, M, M]` probabilities of the
-        predicted class, valid `[B, D]`. aux holds named intermediates when `return_aux`.
+        `[B, D]` (the model's class index, not a dataset category id), masks `[B, D, M, M]`
+        probabilities of the predicted class, valid `[B, D]`. aux holds named intermediates when
+        `return_aux`.
         """
         cfg = self.cfg
         image_hw = info["image_hw"]
@@ -137,7 +138,9 @@ class MaskRCNN(nn.Module):
         d = det_boxes.shape[1]
         mask_labels = det_labels
         if mask_num_classes(cfg) != cfg.roi_heads.num_classes:  # no background channel
-            mask_labels = jnp.where(det_labels > cfg.roi_heads.background_index, det_labels - 1, det_labels)
+            mask_labels = jnp.where(
+                det_labels > cfg.roi_heads.background_index, det_labels - 1, det_labels
+            )
         mask_logits = self.mask_head(
             mask_feats.reshape((b * d,) + mask_feats.shape[2:]), mask_labels.reshape(-1)
         )
@@ -150,7 +153,9 @@ class MaskRCNN(nn.Module):
         elif cfg.roi_heads.rescale == "divide":
             ratio = image_f / orig_f  # mmdet's scale_factor
         else:
-            raise ValueError(f"rescale must be 'multiply' or 'divide', got {cfg.roi_heads.rescale!r}")
+            raise ValueError(
+                f"rescale must be 'multiply' or 'divide', got {cfg.roi_heads.rescale!r}"
+            )
         scale = jnp.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], axis=-1)
         if cfg.roi_heads.rescale == "multiply":
             out_boxes = det_boxes * scale[:, None, :]
@@ -228,10 +233,13 @@ def check_params(cfg: ModelConfig, params: dict, shapes: dict | None = None) -> 
     got = {k: tuple(v.shape) for k, v in flatten_tree(params)}
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
-    bad = sorted(f"{k}: {got[k]} vs expected {want[k]}" for k in set(want) & set(got) if got[k] != want[k])
+    bad = sorted(
+        f"{k}: {got[k]} vs expected {want[k]}" for k in set(want) & set(got) if got[k] != want[k]
+    )
     if missing or unexpected or bad:
         parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", bad)):
+        sections = (("missing", missing), ("unexpected", unexpected), ("shape mismatches", bad))
+        for title, items in sections:
             if items:
                 parts.append(f"{title} ({len(items)}): " + "; ".join(items[:20]))
         raise ValueError(f"params do not fit {cfg.name}:\n  " + "\n  ".join(parts))

@@ -55,7 +55,9 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{name} must have shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {a.shape}")
+        raise ValueError(
+            f"{name} must have shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {a.shape}"
+        )
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {a.shape})")
     if a.shape[2] == 1:

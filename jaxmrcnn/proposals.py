@@ -36,7 +36,8 @@ def anchors_for_canvas(cfg: AnchorConfig, feat_shapes, padded_hw):
         raise ValueError(f"{len(cfg.sizes)} anchor sizes for {len(feat_shapes)} feature levels")
     anchors, valid = [], []
     a = len(cfg.aspect_ratios)
-    for s_nom, size, (h, w) in zip(level_strides(len(feat_shapes)), cfg.sizes, feat_shapes):
+    strides = level_strides(len(feat_shapes))
+    for s_nom, size, (h, w) in zip(strides, cfg.sizes, feat_shapes, strict=True):
         feat_valid = -(-padded_hw // s_nom)  # [B, 2] the image's own feature size
         if cfg.stride_rule == "torchvision":
             stride = ops.torchvision_strides(padded_hw, feat_valid)

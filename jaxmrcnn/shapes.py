@@ -32,7 +32,9 @@ def _polygon(kind: int, cx: float, cy: float, r: float, n: int = 24) -> list[flo
     return [round(float(v), 2) for p in pts for v in p]
 
 
-def generate(out_dir, n_images: int = 16, *, seed: int = 0, size_hw=(360, 480)) -> tuple[Path, Path]:
+def generate(
+    out_dir, n_images: int = 16, *, seed: int = 0, size_hw=(360, 480)
+) -> tuple[Path, Path]:
     """Writes `out_dir/images/*.png` and `out_dir/annotations.json`; returns both paths."""
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"

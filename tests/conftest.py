@@ -27,7 +27,9 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT))
 
-COCO_MINI = Path(os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini"))
+COCO_MINI = Path(
+    os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini")
+)
 # Small-size parity runs (the fast suite): short side 384, long side <= 640.
 SMALL = dict(min_size=384, max_size=640)
 # A fixed, varied subset: landscape and portrait images of different aspect ratios.

@@ -16,8 +16,8 @@ The checkpoint, per architecture
    stored anchors `rpn.anchor_generator.cell_anchors.{0..4}`: exactly MB's legacy
    generate_anchors (`jaxmrcnn.ops.cell_anchors(size, ratios, flavour="legacy", stride=s)`,
    checked against a real model's buffers when MB's source is present). Key names and shapes
-   come from `jaxmrcnn.converters.maskrcnn_benchmark.key_map` and the Flax model's parameter shapes run
-   back through each layout transform; `mb_key_order` puts them in MB's module order.
+   come from `jaxmrcnn.converters.maskrcnn_benchmark.key_map` and the Flax model's parameter
+   shapes run back through each layout transform; `mb_key_order` puts them in MB's module order.
 2. Calibration (`calibrate`, needs MB): the synthetic weights are loaded into the real MB model
    (`reference_maskrcnn_benchmark.build` from the repository's yaml at SMALL size), which runs
    on the three PARITY_IMAGES in one batch (its own test transforms and padding) and is made
@@ -193,8 +193,8 @@ def mb_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     order, derived without MB from `jaxmrcnn.converters.maskrcnn_benchmark.key_map` and
     `jaxmrcnn.model.param_shapes`, each shape run back through its layout transform (and
     checked forwards); the anchors are [3, 4]."""
-    from jaxmrcnn.converters.maskrcnn_benchmark import key_map
     from jaxmrcnn.config import maskrcnn_benchmark_mask_rcnn
+    from jaxmrcnn.converters.maskrcnn_benchmark import key_map
     from jaxmrcnn.model import flatten_tree, param_shapes
 
     _check_arch(arch)

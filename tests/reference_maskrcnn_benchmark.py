@@ -329,8 +329,8 @@ def install_stand_ins() -> None:
 def source_dir() -> Path | None:
     """The folder to put on sys.path to import maskrcnn-benchmark (the repository root, which
     contains the `maskrcnn_benchmark` package and `configs/`): $JAXMRCNN_MASKRCNN_BENCHMARK_SRC
-    if set, else None (live tests skip; the goldens still run). A set but invalid variable gives None
-    rather than a silent fallback."""
+    if set, else None (live tests skip; the goldens still run). A set but invalid variable gives
+    None rather than a silent fallback."""
     env = os.environ.get(ENV_VAR)
     if env:
         path = Path(env).expanduser()

@@ -56,7 +56,8 @@ def _gt_as_detections(gt, image_id, rng=None):
     labels = np.array([a["category_id"] for a in anns], np.int64)  # torchvision index == id
     scores = np.ones(len(anns))
     if rng is not None:  # perturb: jitter boxes, erode masks, random scores, drop some
-        boxes = boxes + rng.normal(0, 0.08, boxes.shape) * (boxes[:, 2:] - boxes[:, :2]).repeat(2, 1)
+        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(2, 1)
+        boxes = boxes + rng.normal(0, 0.08, boxes.shape) * wh
         scores = rng.random(len(anns))
         masks = masks & (rng.random(masks.shape) > 0.15)
         keep = rng.random(len(anns)) > 0.2
@@ -232,7 +233,9 @@ def _subset(coco_mini, tmp_path, n, missing=0):
     data = json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
     ims = sorted(data["images"], key=lambda im: im["id"])[:n]
     ids = {im["id"] for im in ims}
-    sub = dict(data, images=ims, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+    sub = dict(
+        data, images=ims, annotations=[a for a in data["annotations"] if a["image_id"] in ids]
+    )
     img_dir = tmp_path / "images"
     img_dir.mkdir()
     for im in ims[missing:]:
@@ -444,7 +447,8 @@ def test_detections_stream_to_the_results_file(cli, shapes, tmp_path, capsys):
         rec = json.loads(line)
         assert rec["image_id"] == iid and rec["file_name"] == gt.imgs[iid]["file_name"]
         n = len(rec["scores"])
-        assert n > 0 and len(rec["boxes_xywh"]) == len(rec["category_ids"]) == len(rec["masks"]) == n
+        assert n > 0
+        assert len(rec["boxes_xywh"]) == len(rec["category_ids"]) == len(rec["masks"]) == n
         assert mask_utils.decode(rec["masks"][0]).shape == (150, 200)
     params = json.loads((out / "run.json").read_text())
     assert params["min_size"] == 40 and params["annotations_sha256"]
@@ -613,7 +617,9 @@ def test_failed_reference_leaves_no_stale_metrics(cli, shapes, tmp_path, capsys,
 
     # A resume that is killed leaves no metrics.json at all; one that succeeds retries the
     # reference from where it stopped.
-    monkeypatch.setattr(cli, "make_reference", lambda ckpt: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(
+        cli, "make_reference", lambda ckpt: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     assert cli.main(["--resume", str(run)]) == 130
     assert not (run / "metrics.json").exists()
     model = BrokenModel(fail=False)

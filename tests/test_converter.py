@@ -54,7 +54,10 @@ def test_cli_round_trip_v1(v1_file, tv_state_dicts, tmp_path):
     """torch.save file -> CLI (a separate process) -> jaxmrcnn.load: every tensor arrives."""
     out = tmp_path / "converted.msgpack"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "converters" / "from_torch.py"), str(v1_file), "--out", str(out)],
+        [
+            sys.executable, str(ROOT / "converters" / "from_torch.py"), str(v1_file),
+            "--out", str(out),
+        ],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -127,7 +130,8 @@ def _old_style(sd):
 def test_old_key_style_converts_identically(tv_state_dicts, tmp_path):
     sd = tv_state_dicts["v1"]
     old = _old_style(sd)
-    assert "backbone.fpn.inner_blocks.0.weight" in old and "roi_heads.mask_head.mask_fcn1.weight" in old
+    assert "backbone.fpn.inner_blocks.0.weight" in old
+    assert "roi_heads.mask_head.mask_fcn1.weight" in old
     # torchvision itself reads the old names into the same model
     m = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     m.load_state_dict(old)
@@ -186,9 +190,11 @@ def _bad_file(kind, tmp_path, sd):
         bad["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(40, 1024)
         torch.save(bad, path)
     elif kind == "detectron2":
-        torch.save({"model": {"backbone.bottom_up.res2.0.conv1.weight": torch.zeros(64, 64, 1, 1),
-                              "proposal_generator.rpn_head.conv.weight": torch.zeros(256, 256, 3, 3)}},
-                   path)
+        model = {
+            "backbone.bottom_up.res2.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+            "proposal_generator.rpn_head.conv.weight": torch.zeros(256, 256, 3, 3),
+        }
+        torch.save({"model": model}, path)
     elif kind == "not_a_state_dict":
         torch.save([1, 2, 3], path)
     return path

@@ -13,10 +13,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from parity import match_detections
 from PIL import Image
 
 from jaxmrcnn.detector import CPU_COMPILER_OPTIONS, Detector, resolve_compiler_options
-from parity import match_detections
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,8 @@ def test_output_contract(detector, sample_images):
     assert det.masks.shape == (n,) + img.shape[:2] and det.masks.dtype == bool
     assert det.masks.any()
     h, w = img.shape[:2]
-    assert (det.boxes >= 0).all() and (det.boxes[:, [0, 2]] <= w).all() and (det.boxes[:, [1, 3]] <= h).all()
+    assert (det.boxes >= 0).all()
+    assert (det.boxes[:, [0, 2]] <= w).all() and (det.boxes[:, [1, 3]] <= h).all()
     # COCO category ids (torchvision's 91-entry list: index == id, 0 background)
     assert set(det.labels) <= set(range(1, 91))
     assert [detector.classes[i] for i in det.class_index] == det.names
@@ -118,7 +119,8 @@ def test_cpu_compiler_options_do_not_change_results(tv_v1, sample_images, detect
 def test_compiler_options_setting_is_checked(tv_v1):
     with pytest.raises(ValueError, match="compiler_options must be"):
         Detector(tv_v1.checkpoint, compiler_options="fast")
-    assert resolve_compiler_options({"xla_cpu_enable_fast_math": False}) == {"xla_cpu_enable_fast_math": False}
+    no_fast_math = {"xla_cpu_enable_fast_math": False}
+    assert resolve_compiler_options(no_fast_math) == no_fast_math
 
 
 def test_demo_cli_and_compilation_cache(tv_v1, sample_image_paths, tmp_path):
@@ -151,5 +153,6 @@ def test_demo_cli_and_compilation_cache(tv_v1, sample_image_paths, tmp_path):
     assert second.returncode == 0, second.stderr
     after = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert set(cached) <= set(after)
-    assert (program.stat().st_ino, program.stat().st_mtime_ns) == stamp, "the program was traced again"
+    stat = program.stat()
+    assert (stat.st_ino, stat.st_mtime_ns) == stamp, "the program was traced again"
     assert png.read_bytes() == first_png

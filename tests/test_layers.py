@@ -50,7 +50,7 @@ def test_backbone_and_fpn(ref):
     feats, pyr = apply(ref, lambda m, im: m.pyramid(im, None), jnp.asarray(x))
     for i, k in enumerate(["0", "1", "2", "3"]):
         close(feats[f"c{i + 2}"], nhwc(body[k]), f"c{i + 2}")
-    for k, name in zip(["0", "1", "2", "3", "pool"], ["p2", "p3", "p4", "p5", "p6"]):
+    for k, name in zip(["0", "1", "2", "3", "pool"], ["p2", "p3", "p4", "p5", "p6"], strict=True):
         close(pyr[name], nhwc(fpn[k]), name)
 
 
@@ -60,12 +60,15 @@ def test_rpn_head(ref):
     with torch.no_grad():
         logits, deltas = ref.model.rpn.head([nchw(x) for x in levels])
     ours_l, ours_d = apply(
-        ref, lambda m, lv: m.rpn_head(lv, [4, 8, 16, 32, 64], None), [jnp.asarray(x) for x in levels]
+        ref,
+        lambda m, lv: m.rpn_head(lv, [4, 8, 16, 32, 64], None),
+        [jnp.asarray(x) for x in levels],
     )
-    for lt, dt, lo, do in zip(logits, deltas, ours_l, ours_d):
+    for lt, dt, lo, do in zip(logits, deltas, ours_l, ours_d, strict=True):
         n, a, h, w = lt.shape
         close(lo, lt.permute(0, 2, 3, 1).reshape(n, -1).numpy(), "rpn logits")
-        close(do, dt.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4).numpy(), "rpn deltas")
+        ref_d = dt.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4).numpy()
+        close(do, ref_d, "rpn deltas")
 
 
 def test_box_head_and_predictor(ref):
@@ -98,7 +101,7 @@ def test_spatial_masks_make_a_larger_canvas_exact(ref):
     _, alone = apply(ref, lambda m, im: m.pyramid(im, None), jnp.asarray(x))
     hw = jnp.array([[96, 128]], jnp.int32)
     _, inside = apply(ref, lambda m, im, v: m.pyramid(im, v), jnp.asarray(big), hw)
-    for name, s in zip(["p2", "p3", "p4", "p5", "p6"], [4, 8, 16, 32, 64]):
+    for name, s in zip(["p2", "p3", "p4", "p5", "p6"], [4, 8, 16, 32, 64], strict=True):
         h, w = -(-96 // s), -(-128 // s)
         close(inside[name][:, :h, :w], alone[name], name)
     jax.block_until_ready(inside)

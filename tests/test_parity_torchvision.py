@@ -89,7 +89,11 @@ def check_image(ref, image):
 
     # Detections one to one.
     valid = det["valid"][0]
-    ours = dict(boxes=det["boxes"][0][valid], scores=det["scores"][0][valid], labels=det["class_index"][0][valid])
+    ours = dict(
+        boxes=det["boxes"][0][valid],
+        scores=det["scores"][0][valid],
+        labels=det["class_index"][0][valid],
+    )
     assert abs(len(ours["scores"]) - len(r["scores"])) <= max(1, len(r["scores"]) // 100)
     pairs, frac = match_detections(r, ours)
     assert frac >= 0.99, f"only {frac:.3f} of the reference's detections matched"
@@ -107,7 +111,8 @@ def expanded_int_box(box, m=28, padding=1):
     h_half = (box[3] - box[1]) * np.float32(0.5) * scale
     xc = (box[2] + box[0]) * np.float32(0.5)
     yc = (box[3] + box[1]) * np.float32(0.5)
-    return np.array([xc - w_half, yc - h_half, xc + w_half, yc + h_half], np.float32).astype(np.int64)
+    expanded = np.array([xc - w_half, yc - h_half, xc + w_half, yc + h_half], np.float32)
+    return expanded.astype(np.int64)
 
 
 def check_masks(ref, image, r, det, pairs):
@@ -137,7 +142,9 @@ def check_masks(ref, image, r, det, pairs):
             # torchvision truncates the expanded paste box to integers: a coordinate within
             # float noise of an integer moves the whole 28x28 grid by a pixel. Then our paste
             # must equal torchvision's paste of our own mask and box.
-            jump = not np.array_equal(expanded_int_box(r["boxes"][i]), expanded_int_box(ours_boxes[j]))
+            jump = not np.array_equal(
+                expanded_int_box(r["boxes"][i]), expanded_int_box(ours_boxes[j])
+            )
             assert marginal or jump, f"mask {i}: IoU {iou:.3f}, not explained by float noise"
             if jump:
                 tv = paste_masks_in_image(
@@ -176,7 +183,8 @@ def test_parity_v1_standard_size(tv_v1_full, parity_images):
 
 
 def test_converter_summary_names_the_architecture(tv_v1, tv_v2):
-    assert "maskrcnn_resnet50_fpn," in tv_v1.summary[0] or "maskrcnn_resnet50_fpn " in tv_v1.summary[0]
+    summary = tv_v1.summary[0]
+    assert "maskrcnn_resnet50_fpn," in summary or "maskrcnn_resnet50_fpn " in summary
     assert "v2" in tv_v2.summary[0]
     assert tv_v1.checkpoint.config.backbone.norm_eps == 0.0  # FrozenBatchNorm2d as COCO_V1
     assert tv_v2.checkpoint.config.fpn.norm == "bn"

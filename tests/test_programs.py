@@ -19,7 +19,10 @@ def fn(params, x):
 @pytest.fixture
 def args():
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32), "b": jnp.ones(3, jnp.float32)}
+    params = {
+        "w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
+        "b": jnp.ones(3, jnp.float32),
+    }
     return params, jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)
 
 

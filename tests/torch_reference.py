@@ -21,7 +21,9 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import misc as misc_nn_ops
 
 
-def build(version: str, *, seed: int = 0, min_size: int = 800, max_size: int = 1333, bn_eps: float = 0.0):
+def build(
+    version: str, *, seed: int = 0, min_size: int = 800, max_size: int = 1333, bn_eps: float = 0.0
+):
     """An eval-mode torchvision Mask R-CNN ("v1": FrozenBatchNorm2d with eps `bn_eps`, as the
     COCO_V1 weights; "v2": maskrcnn_resnet50_fpn_v2 with BatchNorm2d)."""
     torch.manual_seed(seed)
@@ -32,7 +34,8 @@ def build(version: str, *, seed: int = 0, min_size: int = 800, max_size: int = 1
         overwrite_eps(model, bn_eps)
     elif version == "v2":
         model = maskrcnn_resnet50_fpn_v2(
-            weights=None, weights_backbone=None, num_classes=91, min_size=min_size, max_size=max_size
+            weights=None, weights_backbone=None, num_classes=91,
+            min_size=min_size, max_size=max_size,
         )
     else:
         raise ValueError(version)
@@ -40,7 +43,8 @@ def build(version: str, *, seed: int = 0, min_size: int = 800, max_size: int = 1
 
 
 def _norm_modules(model):
-    return [m for m in model.modules() if isinstance(m, (misc_nn_ops.FrozenBatchNorm2d, nn.BatchNorm2d))]
+    norm_types = (misc_nn_ops.FrozenBatchNorm2d, nn.BatchNorm2d)
+    return [m for m in model.modules() if isinstance(m, norm_types)]
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from jaxmrcnn.classes import coco80_classes, generic_classes
+from jaxmrcnn.config import ModelConfig, detectron2_mask_rcnn
 from jaxmrcnn.converters.common import (
     BN_KEYS,
     ConversionError,
@@ -36,8 +38,6 @@ from jaxmrcnn.converters.common import (
     linear_from_chw,
     same,
 )
-from jaxmrcnn.classes import coco80_classes, generic_classes
-from jaxmrcnn.config import ModelConfig, detectron2_mask_rcnn
 
 NAME = "detectron2"
 _BLOCK = re.compile(r"backbone\.bottom_up\.res(\d)\.(\d+)\.")
@@ -67,7 +67,9 @@ def read_arch(sd: dict) -> dict:
     return dict(depth=depth, groups=groups, width_per_group=width, num_classes=num_classes)
 
 
-def build_config(info: dict, *, arch: str | None = None, bn_eps: float | None = None) -> ModelConfig:
+def build_config(
+    info: dict, *, arch: str | None = None, bn_eps: float | None = None
+) -> ModelConfig:
     cfg = choose_preset(NAME, "Detectron2", info, arch, lambda: detectron2_mask_rcnn(
         info["depth"], info["groups"], info["width_per_group"], num_classes=info["num_classes"]))
     if bn_eps is not None:

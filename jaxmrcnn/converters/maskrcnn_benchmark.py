@@ -21,6 +21,9 @@ import re
 
 import numpy as np
 
+from jaxmrcnn import ops
+from jaxmrcnn.classes import coco80_classes, generic_classes
+from jaxmrcnn.config import ModelConfig, maskrcnn_benchmark_mask_rcnn
 from jaxmrcnn.converters.common import (
     BN_KEYS,
     ConversionError,
@@ -40,9 +43,6 @@ from jaxmrcnn.converters.common import (
     linear_from_chw,
     same,
 )
-from jaxmrcnn import ops
-from jaxmrcnn.classes import coco80_classes, generic_classes
-from jaxmrcnn.config import ModelConfig, maskrcnn_benchmark_mask_rcnn
 from jaxmrcnn.proposals import level_strides
 
 NAME = "maskrcnn_benchmark"
@@ -81,9 +81,16 @@ def read_arch(sd: dict) -> dict:
     return dict(depth=depth, groups=groups, width_per_group=width, num_classes=num_classes)
 
 
-def build_config(info: dict, *, arch: str | None = None, bn_eps: float | None = None) -> ModelConfig:
-    cfg = choose_preset(NAME, "maskrcnn-benchmark", info, arch, lambda: maskrcnn_benchmark_mask_rcnn(
-        info["depth"], info["groups"], info["width_per_group"], num_classes=info["num_classes"]))
+def build_config(
+    info: dict, *, arch: str | None = None, bn_eps: float | None = None
+) -> ModelConfig:
+    cfg = choose_preset(
+        NAME, "maskrcnn-benchmark", info, arch,
+        lambda: maskrcnn_benchmark_mask_rcnn(
+            info["depth"], info["groups"], info["width_per_group"],
+            num_classes=info["num_classes"],
+        ),
+    )
     if bn_eps is not None:
         cfg = cfg.replace(backbone=dict(norm_eps=bn_eps))
     return cfg

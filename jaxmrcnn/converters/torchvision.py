@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import re
 
+from jaxmrcnn.classes import generic_classes, torchvision_coco_classes
+from jaxmrcnn.config import (
+    ModelConfig,
+    torchvision_maskrcnn_r50_fpn,
+    torchvision_maskrcnn_r50_fpn_v2,
+)
 from jaxmrcnn.converters.common import (
     BN_KEYS,
     ConversionError,
@@ -28,12 +34,6 @@ from jaxmrcnn.converters.common import (
     linear,
     linear_from_chw,
     same,
-)
-from jaxmrcnn.classes import generic_classes, torchvision_coco_classes
-from jaxmrcnn.config import (
-    ModelConfig,
-    torchvision_maskrcnn_r50_fpn,
-    torchvision_maskrcnn_r50_fpn_v2,
 )
 
 NAME = "torchvision"
@@ -51,7 +51,10 @@ def read_arch(sd: dict) -> dict:
     """Reads the architecture off the keys and shapes. Raises ConversionError if the state
     dict is not a torchvision Mask R-CNN."""
     keys = set(sd)
-    if "backbone.body.conv1.weight" not in keys or "roi_heads.box_predictor.cls_score.weight" not in keys:
+    if (
+        "backbone.body.conv1.weight" not in keys
+        or "roi_heads.box_predictor.cls_score.weight" not in keys
+    ):
         raise ConversionError(
             "not a torchvision Mask R-CNN state dict: expected keys like "
             "'backbone.body.conv1.weight' and 'roi_heads.box_predictor.cls_score.weight'"
@@ -64,7 +67,8 @@ def read_arch(sd: dict) -> dict:
     v2 = "roi_heads.box_head.0.0.weight" in keys
     blocks = []
     for s in range(1, 5):
-        ids = {int(m.group(1)) for k in keys if (m := re.match(rf"backbone\.body\.layer{s}\.(\d+)\.", k))}
+        pattern = rf"backbone\.body\.layer{s}\.(\d+)\."
+        ids = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
         blocks.append(max(ids) + 1 if ids else 0)
     depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(tuple(blocks))
     if depth is None:
@@ -73,7 +77,9 @@ def read_arch(sd: dict) -> dict:
     groups = c2[0] // c2[1]
     width_per_group = c2[0] // groups
     num_classes = int(sd["roi_heads.box_predictor.cls_score.weight"].shape[0])
-    has_bn_stats = any(k.endswith("num_batches_tracked") for k in keys if k.startswith("backbone.body."))
+    has_bn_stats = any(
+        k.endswith("num_batches_tracked") for k in keys if k.startswith("backbone.body.")
+    )
     return dict(
         v2=v2,
         depth=depth,
@@ -168,11 +174,14 @@ def key_map(info: dict, sd: dict) -> dict[str, tuple[tuple[str, ...], Transform]
         for i in range(4):
             conv(f"roi_heads.box_head.{i}.0", ("box_head", f"conv_{i}", "conv"), False)
             bn(f"roi_heads.box_head.{i}.1", ("box_head", f"conv_{i}", "bn"))
-        m["roi_heads.box_head.5.weight"] = (("box_head", "fc", "kernel"), linear_from_chw(256, 7, 7))
+        m["roi_heads.box_head.5.weight"] = (
+            ("box_head", "fc", "kernel"), linear_from_chw(256, 7, 7)
+        )
         m["roi_heads.box_head.5.bias"] = (("box_head", "fc", "bias"), same)
     else:
-        c_in = sd["roi_heads.box_head.fc6.weight"].shape[1] // 49 if "roi_heads.box_head.fc6.weight" in sd else 256
-        m["roi_heads.box_head.fc6.weight"] = (("box_head", "fc6", "kernel"), linear_from_chw(c_in, 7, 7))
+        fc6 = "roi_heads.box_head.fc6.weight"
+        c_in = sd[fc6].shape[1] // 49 if fc6 in sd else 256
+        m[fc6] = (("box_head", "fc6", "kernel"), linear_from_chw(c_in, 7, 7))
         m["roi_heads.box_head.fc6.bias"] = (("box_head", "fc6", "bias"), same)
         m["roi_heads.box_head.fc7.weight"] = (("box_head", "fc7", "kernel"), linear)
         m["roi_heads.box_head.fc7.bias"] = (("box_head", "fc7", "bias"), same)
@@ -186,7 +195,9 @@ def key_map(info: dict, sd: dict) -> dict[str, tuple[tuple[str, ...], Transform]
                    ("mask_head", f"fcn_{i}"), info["old_mask_keys"])
     m["roi_heads.mask_predictor.conv5_mask.weight"] = (("mask_head", "deconv_kernel"), deconv_abio)
     m["roi_heads.mask_predictor.conv5_mask.bias"] = (("mask_head", "deconv_bias"), same)
-    m["roi_heads.mask_predictor.mask_fcn_logits.weight"] = (("mask_head", "logits_kernel"), conv1x1_io)
+    m["roi_heads.mask_predictor.mask_fcn_logits.weight"] = (
+        ("mask_head", "logits_kernel"), conv1x1_io
+    )
     m["roi_heads.mask_predictor.mask_fcn_logits.bias"] = (("mask_head", "logits_bias"), same)
     return m
 

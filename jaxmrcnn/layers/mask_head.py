@@ -29,7 +29,9 @@ class MaskHead(nn.Module):
         y = jnp.einsum("nijc,abco->niajbo", x, k) + bias
         y = nn.relu(y.reshape(n, 2 * h, 2 * w, self.conv_dim))
         # 1x1 predictor, only for the ROI's class: [N, 2H, 2W, C] . [N, C] -> [N, 2H, 2W].
-        wl = self.param("logits_kernel", nn.initializers.lecun_normal(), (self.conv_dim, self.num_classes))
+        wl = self.param(
+            "logits_kernel", nn.initializers.lecun_normal(), (self.conv_dim, self.num_classes)
+        )
         bl = self.param("logits_bias", nn.initializers.zeros, (self.num_classes,))
         w_sel = jnp.take(wl.T, labels, axis=0)  # [N, C]
         return jnp.einsum("nhwc,nc->nhw", y, w_sel) + jnp.take(bl, labels)[:, None, None]

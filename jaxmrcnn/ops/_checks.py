@@ -58,5 +58,7 @@ def check_non_negative_int(name: str, value) -> int:
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+        raise ValueError(
+            f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}"
+        )
     return value

@@ -77,7 +77,9 @@ def _legacy_cell_anchors(stride: int, size: float, ratios: Sequence[float]) -> n
         ws = np.round(np.sqrt(w * h / r))
         hs = np.round(ws * r)
         ws, hs = ws * scale, hs * scale
-        out.append([ctr - 0.5 * (ws - 1), ctr - 0.5 * (hs - 1), ctr + 0.5 * (ws - 1), ctr + 0.5 * (hs - 1)])
+        out.append(
+            [ctr - 0.5 * (ws - 1), ctr - 0.5 * (hs - 1), ctr + 0.5 * (ws - 1), ctr + 0.5 * (hs - 1)]
+        )
     return np.asarray(out, np.float64).astype(np.float32)
 
 

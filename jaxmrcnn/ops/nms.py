@@ -186,7 +186,9 @@ def nms(
     check_positive_int("max_output", max_output)
     check_positive_int("tile", tile)
     if not isinstance(iou_threshold, (int, float, np.floating)):
-        raise ValueError(f"iou_threshold must be a Python float, got {type(iou_threshold).__name__}")
+        raise ValueError(
+            f"iou_threshold must be a Python float, got {type(iou_threshold).__name__}"
+        )
     if valid is None:
         valid = jnp.ones(lead, bool)
     elif tuple(valid.shape) != tuple(lead):

@@ -16,7 +16,8 @@ F32 = np.float32
 # Random inputs
 # ---------------------------------------------------------------------------------------------
 def clustered_boxes(rng, n, *, n_objects=20, image_hw=(400, 600), jitter=0.15):
-    """`n` float32 boxes scattered around `n_objects` objects: many overlaps, like detector output."""
+    """`n` float32 boxes scattered around `n_objects` objects: many overlaps, like detector
+    output."""
     h, w = image_hw
     cw = rng.uniform(16, w / 3, n_objects)
     ch = rng.uniform(16, h / 3, n_objects)
@@ -124,7 +125,12 @@ def _mkanchors(ws, hs, x_ctr, y_ctr):
     ws = ws[:, np.newaxis]
     hs = hs[:, np.newaxis]
     return np.hstack(
-        (x_ctr - 0.5 * (ws - 1), y_ctr - 0.5 * (hs - 1), x_ctr + 0.5 * (ws - 1), y_ctr + 0.5 * (hs - 1))
+        (
+            x_ctr - 0.5 * (ws - 1),
+            y_ctr - 0.5 * (hs - 1),
+            x_ctr + 0.5 * (ws - 1),
+            y_ctr + 0.5 * (hs - 1),
+        )
     )
 
 
@@ -143,7 +149,8 @@ def _scale_enum(anchor, scales):
 
 
 def grid_anchors_np(cell, grid_hw, stride_hw, offset=0.0):
-    """anchors[(y * W + x) * A + a] = cell[a] + (x sx, y sy, x sx, y sy), grid at (i + offset) * s."""
+    """anchors[(y * W + x) * A + a] = cell[a] + (x sx, y sy, x sx, y sy), grid at
+    (i + offset) * s."""
     h, w = grid_hw
     sy, sx = stride_hw
     out = np.zeros((h, w, len(cell), 4), np.float64)
@@ -158,7 +165,9 @@ def grid_anchors_np(cell, grid_hw, stride_hw, offset=0.0):
 # Box coders. maskrcnn-benchmark modeling/box_coder.py (legacy +1) and mmdet
 # core/bbox/coder/delta_xywh_bbox_coder.py (delta2bbox / bbox2delta), float32 numpy ports.
 # ---------------------------------------------------------------------------------------------
-def mb_decode(rel_codes, boxes, weights, clip=np.log(1000.0 / 16)):
+def mb_decode(rel_codes, boxes, weights, clip=None):
+    if clip is None:
+        clip = np.log(1000.0 / 16)
     rel_codes = rel_codes.astype(F32)
     boxes = boxes.astype(F32)
     widths = boxes[:, 2] - boxes[:, 0] + F32(1)

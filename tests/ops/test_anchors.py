@@ -45,7 +45,7 @@ def test_torchvision_anchor_generator(padded_hw):
     if h % 64 or w % 64:
         assert (strides != 64).any()  # e.g. 800 // 13 = 61: the case this test is about
     got = []
-    for size, fhw in zip(SIZES, feats):
+    for size, fhw in zip(SIZES, feats, strict=True):
         cell = cell_anchors(size, RATIOS, flavour="torchvision")
         stride = torchvision_strides(jnp.array([h, w]), fhw)
         got.append(np.asarray(_grid(cell, grid_hw=fhw, stride=stride)))
@@ -86,7 +86,9 @@ def test_detectron2_cell_anchors_formula():
         np.testing.assert_array_equal(got, np.asarray(ref).astype(np.float32))
     # Documented value for P2, ratio 0.5 (rounded to 3 decimals in CONVENTIONS.md).
     np.testing.assert_allclose(
-        cell_anchors(32, RATIOS, flavour="detectron2")[0], [-22.627, -11.314, 22.627, 11.314], atol=5e-4
+        cell_anchors(32, RATIOS, flavour="detectron2")[0],
+        [-22.627, -11.314, 22.627, 11.314],
+        atol=5e-4,
     )
 
 
@@ -99,8 +101,9 @@ def test_detectron2_grid_formula(offset):
     # float32 sums of exact grid shifts and the float32 cell: within 1 ulp of the float64 value.
     np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-5)
     # Spot-check the flatten order (H, W, A): y = 2, x = 5, a = 1.
-    np.testing.assert_allclose(got[(2 * 9 + 5) * 3 + 1], cell[1] + np.array([5, 2, 5, 2]) * 8 + offset * 8,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        got[(2 * 9 + 5) * 3 + 1], cell[1] + np.array([5, 2, 5, 2]) * 8 + offset * 8, atol=1e-5
+    )
 
 
 def test_legacy_known_values():
@@ -117,7 +120,7 @@ def test_legacy_known_values():
 
 @pytest.mark.parametrize("ratios", [RATIOS, (0.25, 0.5, 1.0, 2.0, 4.0)])
 def test_legacy_vs_generate_anchors_port(ratios):
-    for size, stride in zip(SIZES, STRIDES):
+    for size, stride in zip(SIZES, STRIDES, strict=True):
         ref = detectron_generate_anchors(stride, (size,), ratios)
         got = cell_anchors(size, ratios, flavour="legacy", stride=stride)
         np.testing.assert_array_equal(got, ref.astype(np.float32))

@@ -13,6 +13,7 @@ rtol 1e-6, atol 1e-5.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,7 +34,10 @@ RTOL, ATOL = 1e-6, 1e-5
 
 def assert_boxes_close(got, ref, anchors):
     """Decoded boxes [..., 4] from `anchors` (broadcastable): the bound above, per axis."""
-    mag = np.abs(ref[..., :2]) + np.abs(ref[..., 2:]) + np.abs(anchors[..., :2]) + np.abs(anchors[..., 2:])
+    mag = (
+        np.abs(ref[..., :2]) + np.abs(ref[..., 2:])
+        + np.abs(anchors[..., :2]) + np.abs(anchors[..., 2:])
+    )
     tol = 1e-6 * np.concatenate([mag, mag], axis=-1) + 1e-5
     err = np.abs(got.astype(np.float64) - ref)
     assert (err <= tol).all(), f"max err / tol = {(err / tol).max():.2f}"
@@ -125,8 +129,10 @@ def test_mmdet_coder_vs_delta2bbox(rng, weights):
     np.testing.assert_allclose(w, (boxes[7, 2] - boxes[7, 0]) * 16 / 1000, rtol=0, atol=1e-4)
     gt = random_boxes(rng, 64, hi=600.0, max_wh=300.0)
     # bbox2delta divides by float32 stds, we multiply by weights: equal up to rounding.
-    np.testing.assert_allclose(np.asarray(_encode(coder)(gt, boxes)), mmdet_bbox2delta(boxes, gt, stds),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(_encode(coder)(gt, boxes)), mmdet_bbox2delta(boxes, gt, stds),
+        rtol=1e-5, atol=1e-5,
+    )
 
 
 def test_box_iou_matches_torchvision(rng):
@@ -163,7 +169,9 @@ def test_clip_boxes_matches_torchvision(rng):
     sizes = np.array([[480, 640], [300, 200]])
     got_b = np.asarray(jax.jit(clip_boxes)(np.stack([boxes, boxes]), sizes[:, :1], sizes[:, 1:]))
     for i, (h, w) in enumerate(sizes):
-        ref_i = torchvision.ops.clip_boxes_to_image(torch.from_numpy(boxes), (int(h), int(w))).numpy()
+        ref_i = torchvision.ops.clip_boxes_to_image(
+            torch.from_numpy(boxes), (int(h), int(w))
+        ).numpy()
         np.testing.assert_array_equal(got_b[i], ref_i)
     # Legacy: [0, W - 1] x [0, H - 1] (maskrcnn-benchmark clip_to_image).
     got_l = np.asarray(clip_boxes(boxes, 480, 640, legacy=True))
@@ -177,12 +185,14 @@ def test_small_box_mask_matches_remove_small_boxes(rng):
         keep = torchvision.ops.remove_small_boxes(torch.from_numpy(boxes), min_size).numpy()
         ref = np.zeros(200, bool)
         ref[keep] = True
-        got = np.asarray(jax.jit(lambda b: small_box_mask(b, min_size))(boxes))
+        got = np.asarray(jax.jit(functools.partial(small_box_mask, min_size=min_size))(boxes))
         np.testing.assert_array_equal(got, ref)
         assert ref.any() and not ref.all()
     # strict (detectron2 / mmdet: w > 0 and h > 0) and legacy (+1) variants vs the formula.
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    np.testing.assert_array_equal(np.asarray(small_box_mask(boxes, 0.0, strict=True)), (ws > 0) & (hs > 0))
+    np.testing.assert_array_equal(
+        np.asarray(small_box_mask(boxes, 0.0, strict=True)), (ws > 0) & (hs > 0)
+    )
     np.testing.assert_array_equal(
         np.asarray(small_box_mask(boxes, 0.0, legacy=True)), (ws + 1 >= 0) & (hs + 1 >= 0)
     )

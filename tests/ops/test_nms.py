@@ -308,7 +308,9 @@ def test_batched_nms_coordinate_trick_path(rng, thr):
     sub = np.flatnonzero(valid)
     ref = sub[tv_batched(boxes[sub], scores[sub], classes[sub], thr)]
     shifted = np.asarray(
-        torchvision_offset_boxes(jnp.asarray(boxes), jnp.asarray(classes, jnp.int32), jnp.asarray(valid))
+        torchvision_offset_boxes(
+            jnp.asarray(boxes), jnp.asarray(classes, jnp.int32), jnp.asarray(valid)
+        )
     )
     assert not np.array_equal(shifted, boxes)  # the trick is in use
     idx, ok = run_nms(shifted, scores, thr, K, valid=valid, classes=classes)
@@ -322,14 +324,18 @@ def test_batched_nms_vanilla_path(rng, thr):
     boxes, scores, classes = _class_problem(rng, n, 7)
     assert len(np.unique(scores)) == n  # distinct scores: the final re-sort is well defined
     shifted = np.asarray(
-        torchvision_offset_boxes(jnp.asarray(boxes), jnp.asarray(classes, jnp.int32), jnp.ones(n, bool))
+        torchvision_offset_boxes(
+            jnp.asarray(boxes), jnp.asarray(classes, jnp.int32), jnp.ones(n, bool)
+        )
     )
     np.testing.assert_array_equal(shifted, boxes)  # above 1000 boxes: unchanged
     ref = tv_batched(boxes, scores, classes, thr)
     idx, ok = run_nms(boxes, scores, thr, n, classes=classes)
     np.testing.assert_array_equal(kept(idx, ok), ref)
     # The public batched_nms wrapper under jit gives the same.
-    idx2, ok2 = jax.jit(lambda b, s, c: batched_nms(b, s, c, thr, n))(boxes, scores, classes.astype(np.int32))
+    idx2, ok2 = jax.jit(lambda b, s, c: batched_nms(b, s, c, thr, n))(
+        boxes, scores, classes.astype(np.int32)
+    )
     np.testing.assert_array_equal(np.asarray(idx2), idx)
     np.testing.assert_array_equal(np.asarray(ok2), ok)
 
@@ -457,7 +463,8 @@ def _jitted_prefilter(thr, k, prefilter):
 
 
 @pytest.mark.parametrize(
-    "case", ["fast_all_valid_fit", "fast_k_kept", "fallback_few_kept", "fallback_neg_inf", "batched"]
+    "case",
+    ["fast_all_valid_fit", "fast_k_kept", "fallback_few_kept", "fallback_neg_inf", "batched"],
 )
 def test_prefilter_is_exact(rng, case):
     n, c = 2000, 64  # N > 2C: the prefilter is used

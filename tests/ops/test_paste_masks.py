@@ -56,7 +56,9 @@ def d2_paste_reference(masks, boxes, img_h, img_w):
 
 
 def tv_paste_reference(masks, boxes, img_h, img_w):
-    out = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (img_h, img_w))
+    out = paste_masks_in_image(
+        torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (img_h, img_w)
+    )
     return out[:, 0].numpy()
 
 

@@ -65,7 +65,10 @@ CASES = {
     "nms-max-output": (lambda: nms(B4, S5, 0.5, 0), "max_output"),
     "nms-tile": (lambda: nms(B4, S5, 0.5, 3, tile=-2), "tile"),
     "anchor-size": (lambda: cell_anchors(-32, (0.5, 1.0, 2.0), flavour="torchvision"), "size"),
-    "grid-negative": (lambda: grid_anchors(cell_anchors(32, (1.0,), flavour="torchvision"), (-2, 3), 4), "grid_hw"),
+    "grid-negative": (
+        lambda: grid_anchors(cell_anchors(32, (1.0,), flavour="torchvision"), (-2, 3), 4),
+        "grid_hw",
+    ),
     # unknown rule / style / method
     "level-rule": (lambda: assign_levels(B4, rule="fancy"), "level rule"),
     "roi-align-level-rule": (
@@ -78,7 +81,10 @@ CASES = {
     "anchor-flavour": (lambda: cell_anchors(32, (1.0,), flavour="tf"), "anchor flavour"),
     # mismatched shapes
     "nms-valid-shape": (lambda: nms(B4, S5, 0.5, 3, valid=jnp.ones((4,), bool)), "valid"),
-    "nms-classes-shape": (lambda: nms(B4, S5, 0.5, 3, classes=jnp.ones((6,), jnp.int32)), "classes"),
+    "nms-classes-shape": (
+        lambda: nms(B4, S5, 0.5, 3, classes=jnp.ones((6,), jnp.int32)),
+        "classes",
+    ),
     "roi-align-scales": (lambda: _ra(spatial_scales=[0.25, 0.125]), "spatial_scales"),
     "roi-align-batch": (lambda: _ra(rois=jnp.zeros((2, 5, 4))), "rois has batch"),
     "paste-count": (lambda: paste_masks(MASKS[:3], B4, (10, 10)), "masks has 3"),
