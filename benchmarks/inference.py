@@ -528,9 +528,9 @@ def preset_main(args) -> int:
     import numpy as np
     import torch
 
-    from jaxmrcnn.converters.from_torch import convert_file
     from jaxmrcnn.compare import match_detections
     from jaxmrcnn.config import PRESETS
+    from jaxmrcnn.converters.from_torch import convert_file
     from jaxmrcnn.detector import Detector
 
     if args.preset not in PRESETS:

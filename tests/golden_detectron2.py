@@ -141,8 +141,8 @@ def detectron2_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Detectron2's state-dict key -> shape for `arch`, derived without Detectron2 from
     `jaxmrcnn.converters.detectron2.key_map` and `jaxmrcnn.model.param_shapes`, each shape run back
     through its layout transform (and checked forwards)."""
-    from jaxmrcnn.converters.detectron2 import key_map
     from jaxmrcnn.config import detectron2_mask_rcnn
+    from jaxmrcnn.converters.detectron2 import key_map
     from jaxmrcnn.model import flatten_tree, param_shapes
 
     _check_arch(arch)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from jaxmrcnn.config import PRESETS
 from jaxmrcnn.converters import detectron, detectron2, maskrcnn_benchmark, mmdet
 from jaxmrcnn.converters.common import ConversionError
 from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn.converters.from_torch import main as cli_main
 from jaxmrcnn.converters.load import CheckpointError
-from jaxmrcnn.config import PRESETS
 from jaxmrcnn.model import flatten_tree, param_shapes
 
 
@@ -209,7 +209,8 @@ def test_unsupported_depth_is_named(tmp_path):
                 sd[k.replace("res4.5.", f"res4.{b}.")] = sd[k]
     path = tmp_path / "r152ish.pkl"
     write("d2_pkl", sd, path)
-    with pytest.raises(ConversionError, match=r"\(3, 4, 36, 3\) blocks per stage; known: ResNet-50"):
+    known = r"\(3, 4, 36, 3\) blocks per stage; known: ResNet-50"
+    with pytest.raises(ConversionError, match=known):
         convert_file(path)
 
 

@@ -55,14 +55,14 @@ import reference_maskrcnn_benchmark as R
 from conftest import PARITY_IMAGES, SMALL, require_source
 from parity import mask_iou, match_boxes, match_detections, matched_box_error
 
+from jaxmrcnn import ops, preprocess
+from jaxmrcnn.checkpoint import load_checkpoint
+from jaxmrcnn.config import PRESETS
 from jaxmrcnn.converters import detectron
 from jaxmrcnn.converters.common import ConversionError
 from jaxmrcnn.converters.from_torch import PLANNED, convert_file, detect_format
 from jaxmrcnn.converters.from_torch import main as cli_main
 from jaxmrcnn.converters.load import CheckpointError
-from jaxmrcnn import ops, preprocess
-from jaxmrcnn.checkpoint import load_checkpoint
-from jaxmrcnn.config import PRESETS
 from jaxmrcnn.detector import Detector, resolve_compiler_options
 from jaxmrcnn.model import MaskRCNN, flatten_tree, param_shapes
 

@@ -61,10 +61,10 @@ import reference_detectron2 as R
 from conftest import PARITY_IMAGES, SMALL, require_source
 from parity import mask_iou, match_detections, matched_box_error
 
-from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn import ops, preprocess
 from jaxmrcnn.checkpoint import load_checkpoint
 from jaxmrcnn.config import PRESETS
+from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn.detector import Detector, resolve_compiler_options
 from jaxmrcnn.model import MaskRCNN, flatten_tree
 

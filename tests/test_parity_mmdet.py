@@ -40,9 +40,9 @@ import reference_mmdet as R  # the README's set-up installs mmdet (tests/require
 from conftest import PARITY_IMAGES, ROOT
 from parity import mask_iou, match_boxes, match_detections, matched_box_error
 
-from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn import preprocess
 from jaxmrcnn.classes import coco80_classes
+from jaxmrcnn.converters.from_torch import convert_file
 from jaxmrcnn.detector import Detector, resolve_compiler_options
 from jaxmrcnn.model import MaskRCNN, flatten_tree
 

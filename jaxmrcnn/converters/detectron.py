@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import re
 
+from jaxmrcnn.classes import coco80_classes, generic_classes
+from jaxmrcnn.config import ModelConfig, detectron_mask_rcnn
 from jaxmrcnn.converters.common import (
     ConversionError,
     Converted,
@@ -50,8 +52,6 @@ from jaxmrcnn.converters.common import (
     linear_from_chw,
     same,
 )
-from jaxmrcnn.classes import coco80_classes, generic_classes
-from jaxmrcnn.config import ModelConfig, detectron_mask_rcnn
 
 NAME = "detectron"
 _BLOCK = re.compile(r"res(\d)_(\d+)_branch")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+from jaxmrcnn.classes import coco80_classes, generic_classes
+from jaxmrcnn.config import ModelConfig, mmdet_mask_rcnn
 from jaxmrcnn.converters.common import (
     BN_KEYS,
     ConversionError,
@@ -38,8 +40,6 @@ from jaxmrcnn.converters.common import (
     linear_from_chw,
     same,
 )
-from jaxmrcnn.classes import coco80_classes, generic_classes
-from jaxmrcnn.config import ModelConfig, mmdet_mask_rcnn
 
 NAME = "mmdet"
 _BLOCK = re.compile(r"backbone\.layer(\d)\.(\d+)\.")
