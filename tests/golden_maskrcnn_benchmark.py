@@ -142,9 +142,11 @@ class GoldenError(RuntimeError):
     """The golden files do not reproduce the recorded checkpoint (or are missing)."""
 
 
-def golden_dir(arch: str, root: Path | None = None) -> Path:
+def golden_dir(arch: str, root: Path | None = None, *,
+               prefix: str = "maskrcnn_benchmark") -> Path:
+    """`root`/<prefix>_<arch> (`prefix` "detectron": tests/golden_detectron.py's goldens)."""
     _check_arch(arch)
-    return Path(root or GOLDEN) / f"maskrcnn_benchmark_{arch}"
+    return Path(root or GOLDEN) / f"{prefix}_{arch}"
 
 
 def _check_arch(arch: str) -> None:
@@ -275,22 +277,24 @@ def apply_calibration(sd: dict, rec: dict) -> dict:
     return out
 
 
-def load_calibration(arch: str, root: Path | None = None) -> dict:
-    path = golden_dir(arch, root) / "calibration.npz"
+def load_calibration(arch: str, root: Path | None = None, *,
+                     prefix: str = "maskrcnn_benchmark") -> dict:
+    path = golden_dir(arch, root, prefix=prefix) / "calibration.npz"
     if not path.is_file():
         raise GoldenError(f"no calibration record at {path}; {REGENERATE}")
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
 
 
-def reconstruct(arch: str, *, root: Path | None = None, verify: bool = True) -> dict:
+def reconstruct(arch: str, *, root: Path | None = None, verify: bool = True,
+                prefix: str = "maskrcnn_benchmark") -> dict:
     """Seed + calibration record -> the calibrated maskrcnn-benchmark state dict (numpy
     float32, MB's key order), checked against the recorded sha256 (GoldenError if it differs)."""
-    rec = load_calibration(arch, root)
+    rec = load_calibration(arch, root, prefix=prefix)
     meta = json.loads(str(rec["meta"]))
     sd = apply_calibration(synthetic_state_dict(arch, int(meta["seed"])), rec)
     if verify:
-        path = golden_dir(arch, root) / "state_dict.sha256"
+        path = golden_dir(arch, root, prefix=prefix) / "state_dict.sha256"
         if not path.is_file():
             raise GoldenError(f"no {path}; {REGENERATE}")
         want = path.read_text().split()[0]
@@ -369,11 +373,12 @@ def save_mb_checkpoint(arch: str, sd: dict, path, *, legacy: bool = True) -> Pat
 # Golden outputs
 
 
-def load_outputs(arch: str, root: Path | None = None) -> tuple[list[dict], dict]:
+def load_outputs(arch: str, root: Path | None = None, *,
+                 prefix: str = "maskrcnn_benchmark") -> tuple[list[dict], dict]:
     """Per image dicts of the recorded outputs (masks decoded to [N, H, W] bool), and meta."""
     from pycocotools import mask as mask_utils
 
-    d = golden_dir(arch, root)
+    d = golden_dir(arch, root, prefix=prefix)
     if not (d / "outputs.npz").is_file():
         raise GoldenError(f"no {d / 'outputs.npz'}; {REGENERATE}")
     meta = json.loads((d / "meta.json").read_text())
@@ -464,16 +469,20 @@ def mb_outputs(arch: str, checkpoint_path, images: list[np.ndarray]):
 # Calibration and recording (need maskrcnn-benchmark)
 
 
-def calibrate(arch: str, images: list[np.ndarray], seed: int = SEED) -> dict:
+def calibrate(arch: str, images: list[np.ndarray], seed: int = SEED,
+              config: str | None = None) -> dict:
     """Calibrates the synthetic weights in the real MB model on `images` (uint8 RGB), with
-    every activation-derived number quantised; returns the record (see module doc)."""
+    every activation-derived number quantised; returns the record (see module doc). `config`:
+    the MB yaml to build the model from (default `ARCHS[arch][0]`; the Detectron golden passes
+    the caffe2 yaml of the same architecture)."""
+    config = config or ARCHS[arch][0]
     import reference_maskrcnn_benchmark as R
     import torch
     from conftest import SMALL
 
     torch.set_num_threads(TORCH_THREADS)
     sd = synthetic_state_dict(arch, seed)
-    model = R.build(ARCHS[arch][0], **SMALL)
+    model = R.build(config, **SMALL)
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
     names = {id(m): n for n, m in model.named_modules()}
     norms = R._norm_modules(model)
@@ -571,7 +580,7 @@ def calibrate(arch: str, images: list[np.ndarray], seed: int = SEED) -> dict:
     assert sorted(layers) == sorted(SCALED_LAYERS), layers
 
     rec = dict(
-        meta=np.array(json.dumps(dict(arch=arch, config=ARCHS[arch][0], seed=seed, size=SMALL))),
+        meta=np.array(json.dumps(dict(arch=arch, config=config, seed=seed, size=SMALL))),
         bn_modules=np.array(bn_modules),
         bn_mean=np.concatenate(bn_mean),
         bn_var=np.concatenate(bn_var),

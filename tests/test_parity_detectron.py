@@ -32,6 +32,14 @@ Tolerances:
                  paste of OUR mask and box must equal ours), or every differing pixel has a
                  probability within 1e-3 of the 0.5 threshold. Mean IoU >= 0.995.
 
+Golden (runs in CI, no maskrcnn-benchmark needed): tests/golden/detectron_R_50/ (see
+tests/golden_detectron.py) holds what the real maskrcnn-benchmark computed, through its Caffe2
+loader and configs/caffe2/e2e_mask_rcnn_R_50_FPN_1x_caffe2.yaml at 384/640, on a Detectron `.pkl`
+that numpy rebuilds bit for bit (seeded blobs + a recorded calibration, sha256-checked). The
+`.pkl` is rebuilt, converted with `convert_file`, and our model is compared with the golden by
+the maskrcnn-benchmark golden test's own checks and tolerances (test_parity_maskrcnn_benchmark
+.check_image / check_masks: matched boxes within 0.05 px there).
+
 Fast tests (no reference): bad files (corrupt, code-executing, wrong architecture, class
 count mismatch) each give one clear error and the CLI writes nothing.
 """
@@ -46,12 +54,14 @@ import sys
 import time
 from pathlib import Path
 
+import golden_detectron as GD
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_detectron as D
 import reference_maskrcnn_benchmark as R
+import test_parity_maskrcnn_benchmark as MBT
 from conftest import PARITY_IMAGES, SMALL, require_source
 from parity import mask_iou, match_boxes, match_detections, matched_box_error
 
@@ -529,3 +539,58 @@ def test_parity(ref, index):
     stats["masks_below_0.98_explained"] = explained
     kept = [x for x in ious if x >= 0.98]
     assert np.mean(kept) >= 0.995
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the recorded golden (runs in CI: no maskrcnn-benchmark needed)
+
+
+class GoldenCase(MBT.Case):
+    """The Detectron golden (tests/golden_detectron.py): the `.pkl` rebuilt by numpy (its blobs'
+    sha256 checked), converted with `convert_file`, and what the real maskrcnn-benchmark
+    computed on it; compared by the maskrcnn-benchmark golden test's own checks."""
+
+    def __init__(self, tmp: Path):
+        self.arch = GD.ARCH
+        self.blobs = GD.reconstruct()  # raises GoldenError if the sha256 differs
+        self.golden, self.meta = GD.load_outputs()
+        self.pkl = GD.write_pkl(self.blobs, tmp / GD.PKL_NAME)
+        ckpt, self.summary = convert_file(self.pkl)
+        self.converted_config = ckpt.config
+        ckpt.config = ckpt.config.replace(input=SMALL)
+        self.checkpoint = ckpt
+        self.canvas = tuple(int(max(g["input_hw"][d] for g in self.golden)) for d in (0, 1))
+        self._cache: dict = {}
+
+
+@pytest.fixture(scope="module")
+def golden_case(tmp_path_factory):
+    return GoldenCase(tmp_path_factory.mktemp("detectron_golden"))
+
+
+def test_golden_pkl_converts_as_a_detectron_file(golden_case, tmp_path):
+    c = golden_case
+    assert c.meta["config"] == GD.CONFIG and c.meta["size"] == SMALL
+    assert c.converted_config == PRESETS[R50]()
+    assert c.summary[0] == "detected format: detectron ({'blobs': ...}, with its training 'cfg')"
+    assert "unused ImageNet blobs fc1000_w, fc1000_b" in c.summary[2]
+    # The bare blob dict converts to the same parameters.
+    bare, summary = convert_file(GD.write_pkl(c.blobs, tmp_path / "bare.pkl", bare=True))
+    assert summary[0] == "detected format: detectron (bare blob dict)"
+    fa, fb = dict(flatten_tree(c.checkpoint.params)), dict(flatten_tree(bare.params))
+    assert fa.keys() == fb.keys()
+    assert all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=PARITY_IMAGES)
+def test_parity_with_detectron_golden(golden_case, parity_images, index):
+    """The maskrcnn-benchmark golden test's checks (test_parity_maskrcnn_benchmark.check_image
+    and check_masks, same tolerances): input, FPN features, proposals, >= 99% of the detections
+    matched one to one (same label, IoU >= 0.99, |score diff| <= 1e-3) in MB's order with
+    matched_box_error <= 0.05 px, 28x28 mask probabilities, masks IoU >= 0.98 or explained as
+    float noise, mean >= 0.995."""
+    image = parity_images[index]
+    g, raw, dets, pairs, stats = MBT.check_image(golden_case, index, image)
+    MBT.check_masks(golden_case, image, g, raw, dets, pairs, stats)
+    print(f"\ndetectron {GD.ARCH} {PARITY_IMAGES[index]}: " + ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
