@@ -69,6 +69,29 @@ def test_resume_is_bit_identical(straight, tmp_path):
     assert {"loss_objectness", "loss_mask", "grad_norm", "step_time"} <= ma[0].keys()
 
 
+def test_interrupt_after_a_step_ran_resumes_exactly(straight, tmp_path, monkeypatch):
+    """Ctrl-C landing after the 3rd step's update but before the loop recorded it: the
+    saved checkpoint is step 3 with the data position after its batch."""
+    real, calls = train_cli.check_finite, []
+
+    def interrupting(met, step):
+        calls.append(step)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(met, step)
+
+    out = tmp_path / "mid"
+    monkeypatch.setattr(train_cli, "check_finite", interrupting)
+    assert train_cli.main(argv(out)) == 130
+    monkeypatch.setattr(train_cli, "check_finite", real)
+    assert 3 in [int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit()]
+    assert train_cli.main(argv(out)) == 0
+    a = dict(flatten_tree(load_checkpoint(straight / "model.msgpack").params))
+    b = dict(flatten_tree(load_checkpoint(out / "model.msgpack").params))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_final_model_loads(straight):
     det = jaxmrcnn.load(straight / "model.msgpack")
     ckpt = load_checkpoint(straight / "model.msgpack")

@@ -218,7 +218,7 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
               f"batch {loader_state['batch']})")
 
     def save(step: int) -> None:
-        meta = dict(seed=args.seed, batch_size=batch_size, loader=loader.state(),
+        meta = dict(seed=args.seed, batch_size=batch_size, loader=data_pos,
                     preset=args.preset, config=cfg.to_json())
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                 meta=ocp.args.JsonSave(meta)), force=True)
@@ -226,6 +226,7 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
 
     # ---------------------------------------------------------------- 6 loop
     loader = Loader(dataset, cfg.input, lcfg, state=loader_state)
+    data_pos = loader.state()  # the data position of `state` (the next batch it needs)
     start = int(jax.device_get(state["step"]))
     metrics_file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (closed in finally)
     bar = None
@@ -253,6 +254,7 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
                 status = 3
                 break
             step += 1
+            data_pos = loader.state()
             record = dict(step=step, lr=float(schedule(step - 1)),
                           **{k: float(v) for k, v in met.items() if k != "finite"},
                           step_time=t1 - t0, images_per_s=batch_size / (t1 - t_last))
@@ -269,10 +271,24 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
             if step % args.save_every == 0 or step == steps:
                 save(step)
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: saving", file=sys.stderr)
-        if mngr.latest_step() != step:
-            save(step)
+        # The interrupt may land before, inside or after the step call: the state's own
+        # step counter says which, and data_pos (the position after the last recorded step)
+        # follows it (a fetched, unused batch is fetched again on resume). Inside the call
+        # the donated state may be gone: then the latest checkpoint stands.
         status = 130
+        try:
+            done = int(jax.device_get(state["step"]))
+        except RuntimeError:  # donated buffers deleted mid-call
+            done = None
+        if done is None:
+            print(f"\ninterrupted inside step {step}; the latest checkpoint is step "
+                  f"{mngr.latest_step()}", file=sys.stderr)
+        else:
+            if done == step + 1:  # the step ran; its batch was the last one fetched
+                step, data_pos = done, loader.state()
+            print(f"\ninterrupted at step {step}: saving", file=sys.stderr)
+            if mngr.latest_step() != step:
+                save(step)
     finally:
         if bar is not None:
             bar.close()
