@@ -1,5 +1,6 @@
 """Model-zoo names end to end, against a local HTTP server (no internet): a torchvision
-checkpoint served under a catalogue entry is downloaded, verified, converted and cached by
+checkpoint (and one file per other family, in its own container) served under a catalogue
+entry is downloaded, verified, converted and cached by
 `jaxmrcnn.load(NAME)` / `read_any_checkpoint(NAME)`, `converters/from_torch.py NAME` and
 `eval/coco.py --weights NAME` (its weights_file)."""
 
@@ -88,3 +89,43 @@ def test_unreachable_name_is_one_clear_error(monkeypatch, tmp_path, served_check
     with pytest.raises(zoo.ZooError, match="pass its path instead"):
         read_any_checkpoint("test/offline")
     assert not any((tmp_path / "cache").rglob("*.pth"))
+
+
+# One served file per family, in that framework's own container (the converter-format tests'
+# writers), converted by name with the catalogue entry's preset.
+FAMILIES = [
+    ("detectron2", "detectron2/mask_rcnn_R_50_FPN_3x", "d2_pkl", ".pkl"),
+    ("maskrcnn_benchmark", "maskrcnn_benchmark/e2e_mask_rcnn_R_50_FPN_1x", "mb_legacy", ".pth"),
+    ("mmdet", "mmdet/mask-rcnn_r50_fpn_1x_coco", "mm_v2", ".pth"),
+    ("detectron", "detectron/e2e_mask_rcnn_R-50-FPN_1x", "d1_pkl", ".pkl"),
+]
+
+
+@pytest.mark.parametrize("family,preset,kind,suffix", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_each_family_loads_by_name(family, preset, kind, suffix, tmp_path, monkeypatch):
+    import test_converter_formats as F
+
+    from jaxmrcnn.config import PRESETS
+    from jaxmrcnn.converters import detectron, detectron2, maskrcnn_benchmark, mmdet
+
+    module = dict(detectron2=detectron2, maskrcnn_benchmark=maskrcnn_benchmark, mmdet=mmdet,
+                  detectron=detectron)[family]
+    sd = F.synthetic(module, preset, F.info_for(module, "R_50"))
+    local = tmp_path / f"model_final{suffix}"
+    F.write(kind, sd, local)
+    data = local.read_bytes()
+    server = _Server()
+    try:
+        path = f"/{family}/model_final{suffix}"
+        server.files[path] = data
+        entry = dict(_entry(f"test/{family}", path, data), preset=preset)
+        monkeypatch.setattr(zoo, "_catalogue", lambda: (entry,))
+        monkeypatch.setenv(zoo.MIRROR_ENV, server.base)
+        monkeypatch.setenv("JAXMRCNN_CACHE_DIR", str(tmp_path / "cache"))
+        ckpt = read_any_checkpoint(f"test/{family}")
+        assert ckpt.config.replace(name=PRESETS[preset]().name) == PRESETS[preset]()
+        assert ckpt.source["format"] == family
+        assert zoo.cached_path(f"test/{family}").read_bytes() == data
+        assert [p for p, _ in server.log] == [path]
+    finally:
+        server.close()
