@@ -18,13 +18,22 @@ import numpy as np
 
 from jaxmrcnn.checkpoint import CheckpointError
 from jaxmrcnn.config import ModelConfig
+from jaxmrcnn.layers.resnet import BLOCKS as BLOCKS_PER_DEPTH
 from jaxmrcnn.model import check_params, flatten_tree, param_shapes
 
 Transform = Callable[[np.ndarray], np.ndarray]
 KeyMap = dict[str, tuple[tuple[str, ...], Transform]]
 
-BLOCKS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+BLOCKS = {blocks: depth for depth, blocks in BLOCKS_PER_DEPTH.items()}  # counts -> depth
 BN_KEYS = {"weight": "weight", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def bottlenecks(depth: int):
+    """(stage 1..4, block index, our param path) of every bottleneck of a ResNet-`depth`, in
+    order: the walk every converter's key map makes over its framework's block names."""
+    for stage, n in enumerate(BLOCKS_PER_DEPTH[depth], start=1):
+        for b in range(n):
+            yield stage, b, ("backbone", f"layer{stage}_{b}")
 
 
 class ConversionError(CheckpointError):

@@ -36,12 +36,14 @@ import re
 from jaxmrcnn.classes import coco80_classes, generic_classes
 from jaxmrcnn.config import ModelConfig, detectron_mask_rcnn
 from jaxmrcnn.converters.common import (
+    BLOCKS_PER_DEPTH,
     ConversionError,
     Converted,
     KeyMap,
     apply_key_map,
     arch_name,
     block_counts,
+    bottlenecks,
     choose_preset,
     conv1x1_io,
     conv_hwio,
@@ -122,7 +124,7 @@ def build_config(info: dict, *, arch: str | None = None,
 def fpn_stage_blobs(depth: int) -> list[str]:
     """Detectron's FPN input blobs res2..res5, named after each stage's last block
     (FPN.py fpn_level_info_ResNet{50,101}_conv5; maskrcnn-benchmark's _C2_STAGE_NAMES)."""
-    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    blocks = BLOCKS_PER_DEPTH[depth]
     return [f"res{s}_{n - 1}_sum" for s, n in zip(range(2, 6), blocks, strict=True)]
 
 
@@ -140,16 +142,14 @@ def key_map(info: dict) -> KeyMap:
 
     conv("conv1", ("backbone", "conv1"), False)
     affine("res_conv1_bn", ("backbone", "bn1"))
-    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[info["depth"]]
-    for s, n in enumerate(blocks, start=1):
-        for b in range(n):
-            src, dst = f"res{s + 1}_{b}", ("backbone", f"layer{s}_{b}")
-            for k, br in enumerate("abc", start=1):
-                conv(f"{src}_branch2{br}", dst + (f"conv{k}",), False)
-                affine(f"{src}_branch2{br}_bn", dst + (f"bn{k}",))
-            if b == 0:
-                conv(f"{src}_branch1", dst + ("downsample_conv",), False)
-                affine(f"{src}_branch1_bn", dst + ("downsample_bn",))
+    for s, b, dst in bottlenecks(info["depth"]):
+        src = f"res{s + 1}_{b}"
+        for k, br in enumerate("abc", start=1):
+            conv(f"{src}_branch2{br}", dst + (f"conv{k}",), False)
+            affine(f"{src}_branch2{br}_bn", dst + (f"bn{k}",))
+        if b == 0:
+            conv(f"{src}_branch1", dst + ("downsample_conv",), False)
+            affine(f"{src}_branch1_bn", dst + ("downsample_bn",))
     stages = fpn_stage_blobs(info["depth"])
     for i, blob in enumerate(stages):  # i = 0 for res2 (C2) .. 3 for res5 (C5)
         lateral = f"fpn_inner_{blob}" + ("" if i == 3 else "_lateral")

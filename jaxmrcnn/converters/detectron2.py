@@ -27,6 +27,7 @@ from jaxmrcnn.converters.common import (
     apply_key_map,
     arch_name,
     block_counts,
+    bottlenecks,
     choose_preset,
     conv1x1_io,
     conv_hwio,
@@ -92,14 +93,12 @@ def key_map(info: dict) -> KeyMap:
 
     body = "backbone.bottom_up"
     conv_norm(f"{body}.stem.conv1", ("backbone", "conv1"), ("backbone", "bn1"))
-    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}[info["depth"]]
-    for s, n in enumerate(blocks, start=1):
-        for b in range(n):
-            src, dst = f"{body}.res{s + 1}.{b}", ("backbone", f"layer{s}_{b}")
-            for k in (1, 2, 3):
-                conv_norm(f"{src}.conv{k}", dst + (f"conv{k}",), dst + (f"bn{k}",))
-            if b == 0:
-                conv_norm(f"{src}.shortcut", dst + ("downsample_conv",), dst + ("downsample_bn",))
+    for s, b, dst in bottlenecks(info["depth"]):
+        src = f"{body}.res{s + 1}.{b}"
+        for k in (1, 2, 3):
+            conv_norm(f"{src}.conv{k}", dst + (f"conv{k}",), dst + (f"bn{k}",))
+        if b == 0:
+            conv_norm(f"{src}.shortcut", dst + ("downsample_conv",), dst + ("downsample_bn",))
     for i in range(4):
         conv(f"backbone.fpn_lateral{i + 2}", ("fpn", f"inner_{i}", "conv"), True)
         conv(f"backbone.fpn_output{i + 2}", ("fpn", f"layer_{i}", "conv"), True)

@@ -32,6 +32,7 @@ from jaxmrcnn.converters.common import (
     apply_key_map,
     arch_name,
     block_counts,
+    bottlenecks,
     choose_preset,
     conv1x1_io,
     conv_hwio,
@@ -111,16 +112,14 @@ def key_map(info: dict) -> KeyMap:
     body = "backbone.body"
     conv(f"{body}.stem.conv1", ("backbone", "conv1"), False)
     bn(f"{body}.stem.bn1", ("backbone", "bn1"))
-    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}[info["depth"]]
-    for s, n in enumerate(blocks, start=1):
-        for b in range(n):
-            src, dst = f"{body}.layer{s}.{b}", ("backbone", f"layer{s}_{b}")
-            for k in (1, 2, 3):
-                conv(f"{src}.conv{k}", dst + (f"conv{k}",), False)
-                bn(f"{src}.bn{k}", dst + (f"bn{k}",))
-            if b == 0:
-                conv(f"{src}.downsample.0", dst + ("downsample_conv",), False)
-                bn(f"{src}.downsample.1", dst + ("downsample_bn",))
+    for s, b, dst in bottlenecks(info["depth"]):
+        src = f"{body}.layer{s}.{b}"
+        for k in (1, 2, 3):
+            conv(f"{src}.conv{k}", dst + (f"conv{k}",), False)
+            bn(f"{src}.bn{k}", dst + (f"bn{k}",))
+        if b == 0:
+            conv(f"{src}.downsample.0", dst + ("downsample_conv",), False)
+            bn(f"{src}.downsample.1", dst + ("downsample_bn",))
     for i in range(4):
         conv(f"backbone.fpn.fpn_inner{i + 1}", ("fpn", f"inner_{i}", "conv"), True)
         conv(f"backbone.fpn.fpn_layer{i + 1}", ("fpn", f"layer_{i}", "conv"), True)

@@ -29,6 +29,7 @@ from jaxmrcnn.converters.common import (
     apply_key_map,
     arch_name,
     block_counts,
+    bottlenecks,
     choose_preset,
     conv1x1_io,
     conv_hwio,
@@ -123,16 +124,14 @@ def key_map(info: dict) -> KeyMap:
 
     conv("backbone.conv1", ("backbone", "conv1"), False)
     bn("backbone.bn1", ("backbone", "bn1"))
-    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}[info["depth"]]
-    for s, n in enumerate(blocks, start=1):
-        for b in range(n):
-            src, dst = f"backbone.layer{s}.{b}", ("backbone", f"layer{s}_{b}")
-            for k in (1, 2, 3):
-                conv(f"{src}.conv{k}", dst + (f"conv{k}",), False)
-                bn(f"{src}.bn{k}", dst + (f"bn{k}",))
-            if b == 0:
-                conv(f"{src}.downsample.0", dst + ("downsample_conv",), False)
-                bn(f"{src}.downsample.1", dst + ("downsample_bn",))
+    for s, b, dst in bottlenecks(info["depth"]):
+        src = f"backbone.layer{s}.{b}"
+        for k in (1, 2, 3):
+            conv(f"{src}.conv{k}", dst + (f"conv{k}",), False)
+            bn(f"{src}.bn{k}", dst + (f"bn{k}",))
+        if b == 0:
+            conv(f"{src}.downsample.0", dst + ("downsample_conv",), False)
+            bn(f"{src}.downsample.1", dst + ("downsample_bn",))
     for i in range(4):
         conv(f"neck.lateral_convs.{i}.conv", ("fpn", f"inner_{i}", "conv"), True)
         conv(f"neck.fpn_convs.{i}.conv", ("fpn", f"layer_{i}", "conv"), True)

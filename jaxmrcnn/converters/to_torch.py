@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxmrcnn.converters.torchvision import ConversionError, key_map
+from jaxmrcnn.layers.resnet import BLOCKS
 
 
 def _inverse(fn, torch_shape) -> np.ndarray:
@@ -48,7 +49,7 @@ def torchvision_model(checkpoint):
         model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=k, **size)
     else:
         b = cfg.backbone
-        blocks = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[b.depth]
+        blocks = list(BLOCKS[b.depth])
         body = ResNet(Bottleneck, blocks, groups=b.groups, width_per_group=b.width_per_group,
                       norm_layer=misc_nn_ops.FrozenBatchNorm2d)
         model = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=k, **size)
