@@ -47,7 +47,8 @@ def _load_pkl(path: Path):
             return _RestrictedUnpickler(f, encoding="latin1").load()
         except CheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        except Exception as e:  # corrupt bytes fail in many ways (KeyError on a bad memo
+            # index, OverflowError on a huge FRAME length, ...): all mean "not readable"
             raise CheckpointError(
                 f"{path} is not a readable pickle checkpoint ({type(e).__name__}: {e}); the file "
                 f"may be truncated or not a checkpoint"
