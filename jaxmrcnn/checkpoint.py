@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +29,10 @@ from jaxmrcnn.config import ModelConfig, torchvision_maskrcnn_r50_fpn, validate
 from jaxmrcnn.model import check_params, flatten_tree, init_params
 
 MAGIC = "jaxmrcnn-checkpoint"
-VERSION = 2  # 2: every config field stored (1: torchvision only, fields added since are filled)
-READABLE_VERSIONS = (1, 2)
+# 3: backbone.base_channels stored (files of version 2 and before had 64, every framework's);
+# 2: every config field stored (1: torchvision only, fields added since are filled)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FILE_MODE = 0o644  # less the umask, as files written the usual way
 _SHOW = 5  # problems of each kind named in an error message
 
@@ -255,7 +258,13 @@ def load_checkpoint(path) -> Checkpoint:
     # those take torchvision's values.
     fill = torchvision_maskrcnn_r50_fpn() if version == 1 else None
     try:
-        config = ModelConfig.from_json(payload["config"], fill_from=fill)
+        config_json = payload["config"]
+        if version == 2:  # base_channels came with version 3; every earlier model had 64
+            data = json.loads(config_json)
+            if isinstance(data, dict) and isinstance(data.get("backbone"), dict):
+                data["backbone"].setdefault("base_channels", 64)
+            config_json = json.dumps(data)
+        config = ModelConfig.from_json(config_json, fill_from=fill)
     except (ValueError, TypeError) as e:  # JSON errors are ValueErrors; a non-string TypeError
         raise CheckpointError(f"{path}: its model config cannot be read: {str(e)[:300]}. "
                               f"Re-convert the source checkpoint") from None

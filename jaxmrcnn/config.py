@@ -43,7 +43,10 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    depth: int  # 50, 101 or 152
+    depth: int  # 50, 101 or 152 (26: two blocks per stage, for small trained-here models)
+    # Stem output channels; stage i has base_channels * 2**i planes (x4 out). 64 in every
+    # framework's ResNet; the shipped shapes model (jaxmrcnn/weights) uses 16.
+    base_channels: int
     groups: int  # ResNeXt cardinality
     width_per_group: int
     stride_in_1x1: bool  # True for MSRA/caffe weights; torchvision puts it on the 3x3
@@ -318,7 +321,9 @@ def _value_problems(cfg: ModelConfig) -> list[str]:
         (all(s > 0 for s in i.std), "input.std must be > 0"),
         (0 < i.min_size <= i.max_size, "input needs 0 < min_size <= max_size"),
         (i.size_divisible > 0, "input.size_divisible must be > 0"),
-        (b.depth in (50, 101, 152), f"backbone.depth must be 50, 101 or 152, got {b.depth}"),
+        (b.depth in (26, 50, 101, 152),
+         f"backbone.depth must be 26, 50, 101 or 152, got {b.depth}"),
+        (b.base_channels >= 1, "backbone.base_channels must be >= 1"),
         (b.groups >= 1 and b.width_per_group >= 1,
          "backbone.groups and width_per_group must be >= 1"),
         (b.norm_eps >= 0, "backbone.norm_eps must be >= 0"),
@@ -369,8 +374,8 @@ def torchvision_maskrcnn_r50_fpn(num_classes: int = 91, *, bn_eps: float = 0.0) 
             resize_rule="torchvision", resize_impl="torch_bilinear", size_divisible=32,
         ),
         backbone=BackboneConfig(
-            depth=50, groups=1, width_per_group=64, stride_in_1x1=False, norm="frozen_bn",
-            norm_eps=bn_eps,
+            depth=50, base_channels=64, groups=1, width_per_group=64, stride_in_1x1=False,
+            norm="frozen_bn", norm_eps=bn_eps,
         ),
         fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
         anchors=AnchorConfig(
@@ -433,7 +438,7 @@ def detectron2_mask_rcnn(
             size_divisible=32,
         ),
         backbone=BackboneConfig(
-            depth=depth, groups=groups, width_per_group=width_per_group,
+            depth=depth, base_channels=64, groups=groups, width_per_group=width_per_group,
             stride_in_1x1=not resnext, norm="frozen_bn", norm_eps=1e-5,
         ),
         fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
@@ -487,7 +492,7 @@ def maskrcnn_benchmark_mask_rcnn(
             resize_rule="maskrcnn_benchmark", resize_impl="pillow_bilinear", size_divisible=32,
         ),
         backbone=BackboneConfig(
-            depth=depth, groups=groups, width_per_group=width_per_group,
+            depth=depth, base_channels=64, groups=groups, width_per_group=width_per_group,
             stride_in_1x1=not resnext, norm="frozen_bn", norm_eps=0.0,
         ),
         fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
@@ -562,8 +567,8 @@ def mmdet_mask_rcnn(
             resize_rule="mmdet", resize_impl="opencv_linear", size_divisible=32,
         ),
         backbone=BackboneConfig(
-            depth=depth, groups=groups, width_per_group=width_per_group, stride_in_1x1=caffe,
-            norm="frozen_bn", norm_eps=1e-5,
+            depth=depth, base_channels=64, groups=groups, width_per_group=width_per_group,
+            stride_in_1x1=caffe, norm="frozen_bn", norm_eps=1e-5,
         ),
         fpn=FPNConfig(out_channels=256, norm=None, norm_eps=1e-5),
         anchors=AnchorConfig(

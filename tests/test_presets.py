@@ -41,15 +41,22 @@ def test_json_missing_a_field_is_an_error():
         ModelConfig.from_json(json.dumps(data))
 
 
-def test_version1_checkpoint_gets_torchvision_values(tmp_path):
-    """A file written before the convention fields existed (all torchvision) still loads."""
+OLD_FIELDS = {
+    1: [("rpn", "min_size_strict"), ("rpn", "box_plus_one"), ("roi_heads", "box_reg"),
+        ("roi_heads", "clip_to_original"), ("input", "resize_impl"), ("backbone", "base_channels")],
+    2: [("backbone", "base_channels")],
+}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_checkpoint_versions_load(tmp_path, version):
+    """A file written before fields existed still loads: version 1 (torchvision only, before
+    the convention fields) gets torchvision's values, version 2 (before base_channels) 64."""
     from flax import serialization
 
     cfg = PRESETS["torchvision_maskrcnn_r50_fpn"]()
     data = json.loads(cfg.to_json())
-    for part, field in [("rpn", "min_size_strict"), ("rpn", "box_plus_one"),
-                        ("roi_heads", "box_reg"), ("roi_heads", "clip_to_original"),
-                        ("input", "resize_impl")]:
+    for part, field in OLD_FIELDS[version]:
         del data[part][field]
     import numpy as np
 
@@ -62,7 +69,7 @@ def test_version1_checkpoint_gets_torchvision_values(tmp_path):
     names, ids = torchvision_coco_classes()
     Checkpoint(cfg, params, names, ids, {}).save(tmp_path / "x")
     payload = serialization.msgpack_restore((tmp_path / "x").read_bytes())
-    payload["version"] = 1
+    payload["version"] = version
     payload["config"] = json.dumps(data)
     (tmp_path / "old.msgpack").write_bytes(serialization.msgpack_serialize(payload))
     assert load_checkpoint(tmp_path / "old.msgpack").config == cfg

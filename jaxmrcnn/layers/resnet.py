@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxmrcnn.config import BackboneConfig
 from jaxmrcnn.layers.common import FrozenNorm, GroupedConv3x3, apply_mask, conv, spatial_mask
 
-BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
 def max_pool_3x3_s2(x):
@@ -71,13 +71,13 @@ class ResNet(nn.Module):
         if cfg.norm not in ("frozen_bn", "affine"):
             raise ValueError(f"backbone norm must be 'frozen_bn' or 'affine', got {cfg.norm!r}")
         affine = cfg.norm == "affine"
-        x = conv(64, 7, 2, bias=False, name="conv1")(x)
+        x = conv(cfg.base_channels, 7, 2, bias=False, name="conv1")(x)
         x = nn.relu(FrozenNorm(cfg.norm_eps, affine, name="bn1")(x))
         x = max_pool_3x3_s2(x)
         outs = {}
         stride = 4
         for stage, n_blocks in enumerate(BLOCKS[cfg.depth]):
-            planes = 64 * 2**stage
+            planes = cfg.base_channels * 2**stage
             width = int(planes * (cfg.width_per_group / 64.0)) * cfg.groups
             for b in range(n_blocks):
                 block_stride = 2 if (b == 0 and stage > 0) else 1
