@@ -23,7 +23,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxmrcnn.converters import detectron, detectron2, maskrcnn_benchmark, mmdet, torchvision
+from jaxmrcnn.converters import (
+    detectron,
+    detectron2,
+    maskrcnn_benchmark,
+    matterport,
+    mmdet,
+    torchvision,
+)
 from jaxmrcnn.converters.common import ConversionError, Converted
 from jaxmrcnn.converters.load import CheckpointError, read_checkpoint
 
@@ -33,6 +40,7 @@ CONVERTERS = {
     maskrcnn_benchmark.NAME: maskrcnn_benchmark,
     detectron.NAME: detectron,
     mmdet.NAME: mmdet,
+    matterport.NAME: matterport,
 }
 
 # Formats recognised by their key names but not converted yet.
