@@ -451,7 +451,8 @@ def _check_video_out(out: Path, video_in: Path | None, overwrite: bool) -> None:
                          f"{out.suffix or 'no extension'}")
     if out.is_dir():
         raise VideoError(f"--out {out} is a folder; name the video file, e.g. {out / 'out.mp4'}")
-    if video_in is not None and out.exists() and os.path.samefile(out, video_in):
+    if video_in is not None and out.exists() and video_in.exists() and os.path.samefile(
+            out, video_in):
         raise VideoError(f"--out {out} is the input video; name another file")
     if out.exists() and not overwrite:
         raise VideoError(f"--out {out} already exists; pass --overwrite to replace it or "

@@ -154,6 +154,9 @@ def test_video_input_errors_are_clear(monkeypatch, tmp_path, capsys):
     assert demo.main(["--weights", "w", "--video", str(junk), "--out", str(junk),
                       "--overwrite"]) == 1
     assert "is the input video" in capsys.readouterr().err
+    assert demo.main(["--weights", "w", "--video", str(tmp_path / "gone.mp4"), *out,
+                      "--overwrite"]) == 1
+    assert "gone.mp4: no such file" in capsys.readouterr().err
     assert (tmp_path / "o.mp4").read_bytes() == b"earlier output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4", "o.mp4"]  # no temp files
     with pytest.raises(SystemExit):
