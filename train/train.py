@@ -112,6 +112,10 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fast-compile", action="store_true",
                    help="jax_disable_most_optimizations: quicker compile, slower steps (tests)")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 "
+                   "(jax.distributed.initialize; every process runs the same command)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process' index")
     return p.parse_args(argv)
 
 
@@ -132,13 +136,16 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
     that many steps of this call (tests of the Ctrl-C path)."""
     # ---------------------------------------------------------------- 1 arguments, preset
     args = parse_args(argv)
+    if args.coordinator:  # before any other JAX call; the mesh then spans every process
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     if args.fast_compile:
         jax.config.update("jax_disable_most_optimizations", True)
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = args.steps or preset.steps
-    ndev = jax.local_device_count()
+    ndev = jax.device_count()  # of all processes (multi-host: each loads the global batch)
     batch_size = args.batch_size or max(preset.batch_size, ndev)
     if batch_size % ndev:
         raise SystemExit(f"--batch-size {batch_size} is not a multiple of the {ndev} devices")
@@ -186,7 +193,7 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
     # jit over a 'data' mesh of all local devices: batch sharded, state replicated, the
     # gradient of the global-batch loss all-reduced by XLA. The state is donated.
     tx, step_fn = _compiled_step(cfg, preset.tcfg, ocfg, batch_size, precision,
-                                 tuple(jax.local_devices()), None)
+                                 tuple(jax.devices()), None)
     schedule = lr_schedule(ocfg, batch_size)
     state = step_fn.replicate(init_state(params, tx))
     seed_key = jax.random.PRNGKey(args.seed)

@@ -85,6 +85,9 @@ def _forward(module, images, info, gt, key, tcfg):
 
     # ---------------------------------------------------------------- RPN
     logits, deltas = module.rpn_head(levels, strides, padded_hw)  # lists [B, n_l], [B, n_l, 4]
+    # Head outputs in float32 whatever the compute dtype (bfloat16 runs: step.py).
+    logits = [x.astype(jnp.float32) for x in logits]
+    deltas = [x.astype(jnp.float32) for x in deltas]
     anchors, anchor_valid = anchors_for_canvas(
         cfg.anchors, [lv.shape[1:3] for lv in levels], padded_hw
     )
@@ -144,6 +147,7 @@ def _forward(module, images, info, gt, key, tcfg):
     s2 = s_rois.shape[1]
     x = module.box_head(box_feats.reshape((b * s2,) + box_feats.shape[2:]))
     class_logits, box_deltas = module.box_predictor(x)
+    class_logits, box_deltas = class_logits.astype(jnp.float32), box_deltas.astype(jnp.float32)
     class_logits = class_logits.reshape(b, s2, -1)  # [B, S2, K]
     box_deltas = box_deltas.reshape(b, s2, -1, 4)  # [B, S2, rows, 4]
     rows = box_rows_for(s_classes, rh.box_reg, rh.num_classes, rh.background_index)
@@ -163,7 +167,8 @@ def _forward(module, images, info, gt, key, tcfg):
     mask_logits = module.mask_head(
         mask_feats.reshape((b * s3,) + mask_feats.shape[2:]), mask_labels.reshape(-1)
     )
-    mask_logits = mask_logits.reshape((b, s3) + mask_logits.shape[1:])  # [B, S3, M, M]
+    mask_logits = mask_logits.reshape((b, s3) + mask_logits.shape[1:]).astype(jnp.float32)
+    # [B, S3, M, M]
     m_targets = T.mask_targets(gt["masks"], m_rois, m_gt, image_hw, mask_logits.shape[-1],
                                max_samples=tcfg.mask_target_max_samples)
 

@@ -8,7 +8,8 @@ scatter-add). The ROIs themselves are treated as constants (stop_gradient), as i
 torchvision, where proposals are detached.
 
 Same sample positions, weights and border rules as `ops.roi_align` (it reuses its per-axis
-helpers), so forward values agree with it to float rounding.
+helpers), so forward values agree with it to float rounding. Positions, weights and sums
+are float32 whatever the features' dtype (bfloat16 features: the output is cast back).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def roi_align_train(
     b, _, _, c = features[0].shape
     r = rois.shape[1]
     ph = pw = int(output_size)
-    dtype = features[0].dtype
-    rois = jax.lax.stop_gradient(rois).astype(dtype)
+    dtype = features[0].dtype  # of the output; sampling and sums run in float32
+    f32 = jnp.float32
+    rois = jax.lax.stop_gradient(rois).astype(f32)
     levels = ops.assign_levels(rois, rule=level_rule, min_level=min_level,
                                max_level=min_level + n_levels - 1) if n_levels > 1 else \
         jnp.zeros((b, r), jnp.int32)
@@ -56,7 +58,7 @@ def roi_align_train(
     if valid_hw is None:
         valid_hw = jnp.broadcast_to(jnp.asarray(shapes, jnp.int32), (b, n_levels, 2))
     # One flat [sum_l B * H_l * W_l, C] array; level l starts at base[l].
-    flat = jnp.concatenate([f.reshape(-1, c) for f in features], axis=0)
+    flat = jnp.concatenate([f.reshape(-1, c).astype(f32) for f in features], axis=0)
     sizes = [b * h * w for h, w in shapes]
     base = jnp.asarray([sum(sizes[:i]) for i in range(n_levels)], jnp.int32)
 
@@ -64,7 +66,7 @@ def roi_align_train(
     lv = levels.reshape(n)
     bidx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
     boxes = rois.reshape(n, 4)
-    scale = jnp.asarray(spatial_scales, dtype)[lv]
+    scale = jnp.asarray(spatial_scales, f32)[lv]
     canvas = jnp.asarray(shapes, jnp.int32)[lv]  # [N, 2]
     ext = jnp.minimum(jnp.asarray(valid_hw, jnp.int32)[bidx, lv], canvas)  # [N, 2]
     kw = dict(scale=scale, sampling_ratio=sampling_ratio, aligned=aligned)
@@ -73,11 +75,11 @@ def roi_align_train(
     first = jnp.zeros((n,), jnp.int32)
     ry, wy = _axis_taps(*gy, ext[:, 0], first, pooled=ph, n_samples=sampling_ratio, band=None)
     rx, wx = _axis_taps(*gx, ext[:, 1], first, pooled=pw, n_samples=sampling_ratio, band=None)
-    count = jnp.maximum(gy[2] * gx[2], 1).astype(dtype)  # [N]
+    count = jnp.maximum(gy[2] * gx[2], 1).astype(f32)  # [N]
     # Rows of the flat array: level base + image offset + row * W_l (columns add rx).
     level_w = canvas[:, 1]
     rows = (base[lv] + bidx * canvas[:, 0] * level_w)[:, None, None] + ry * level_w[:, None, None]
-    wy, wx = wy.astype(dtype), wx.astype(dtype)
+    wy, wx = wy.astype(f32), wx.astype(f32)
 
     m = max(1, min(chunk, n))
     pad = -n % m
@@ -85,4 +87,4 @@ def roi_align_train(
     args = [a.reshape((-1, m) + a.shape[1:]) for a in args]  # [n_chunks, M, ...]
     out = jax.lax.map(lambda t: _pool(flat, *t), tuple(args))  # [n_chunks, M, PH, PW, C]
     out = out.reshape(-1, ph, pw, c)[:n] / count[:, None, None, None]
-    return out.reshape(b, r, ph, pw, c)
+    return out.reshape(b, r, ph, pw, c).astype(dtype)

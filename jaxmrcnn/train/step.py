@@ -16,6 +16,13 @@ RNG: the step's key is fold_in(seed key, step); example i of the global batch ge
 Data parallel: `jax.jit` over a Mesh whose 'data' axis shards the batch; params and
   optimiser state are replicated. The loss is a mean over the global batch, so the
   gradient XLA computes (with its own all-reduce) is that of the global batch.
+Multi-host: after `jax.distributed.initialize`, the default mesh spans every process'
+  devices (`jax.devices()`); `shard_batch` builds the global batch array from each
+  process' rows (see make_train_step). Replicated outputs (state, metrics) are fully
+  replicated, so `np.asarray` / `jax.device_get` read them in every process.
+Compute "bfloat16": the forward runs on bfloat16 copies of the params and images (convs and
+  dots in bfloat16; gradients flow back to the float32 params through the casts), while
+  boxes, targets, ROIAlign sampling and the losses stay float32 (forward.py).
 Non-finite loss: the step returns the old state unchanged and `finite=False` with every
   loss term, so the loop can stop naming the step and the term (`check_finite`).
 """
@@ -186,6 +193,10 @@ def init_for_classes(ckpt_params, ckpt_cfg: ModelConfig, num_classes: int, seed:
 
 # --------------------------------------------------------------------------- the step
 
+def _to_bf16(x):
+    return x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def batch_losses(params, batch, key, cfg: ModelConfig, tcfg: TrainConfig, precision="float32"):
     """Losses of a global batch, each example sampled with fold_in(key, its index).
 
@@ -194,7 +205,11 @@ def batch_losses(params, batch, key, cfg: ModelConfig, tcfg: TrainConfig, precis
     -> (losses dict: TERMS and "loss", out of the forward with the batch axis first)
     """
     model = MaskRCNN(cfg, precision=precision)
-    b = batch["images"].shape[0]
+    images = batch["images"]
+    if precision == "bfloat16":  # real bfloat16 convs / dots, float32 master params
+        params = jax.tree_util.tree_map(_to_bf16, params)
+        images = images.astype(jnp.bfloat16)
+    b = images.shape[0]
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
 
     def one(image, image_hw, padded_hw, boxes, classes, masks, valid, k):
@@ -204,7 +219,7 @@ def batch_losses(params, batch, key, cfg: ModelConfig, tcfg: TrainConfig, precis
                           method=training_forward)
         return jax.tree_util.tree_map(lambda x: x[0], out)
 
-    out = jax.vmap(one)(batch["images"], batch["image_hw"], batch["padded_hw"],
+    out = jax.vmap(one)(images, batch["image_hw"], batch["padded_hw"],
                         batch["gt_boxes"], batch["gt_classes"], batch["gt_masks"],
                         batch["gt_valid"], keys)
     losses = {}
@@ -242,16 +257,25 @@ def train_step(state, batch, seed_key, *, cfg: ModelConfig, tcfg: TrainConfig, t
 
 
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all local devices) with axis 'data'."""
-    devices = jax.local_devices() if devices is None else devices
+    """A 1-D mesh over `devices` (default: all devices of all processes) with axis 'data'."""
+    devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("data",))
 
 
 def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, tx, mesh: Mesh | None = None,
                     precision: str = "float32", donate: bool = True):
-    """jit(train_step) with cfg/tcfg/tx bound. With `mesh`: the batch is sharded over
-    'data' (its leading axis must divide evenly), state and key replicated; returns
-    (step_fn, shard_batch) where shard_batch puts a host batch on the mesh."""
+    """jit(train_step) with cfg/tcfg/tx bound. With `mesh` (default: every device of every
+    process): the batch is sharded over 'data' (its leading axis must divide evenly), state
+    and key replicated. The jitted step carries two helpers:
+
+    shard_batch(batch, process_local=False): host arrays -> global arrays on the mesh.
+      process_local=False: `batch` is the whole global batch, the same in every process
+      (e.g. every process runs the same deterministic loader); each process places the rows
+      of its own devices. process_local=True: `batch` holds only this process' rows, a
+      contiguous block of the global batch in process order (process p of n holds rows
+      [p * B / n, (p + 1) * B / n)); with one process both are the same.
+    replicate(tree): host tree -> replicated on the mesh (every process passes the same).
+    """
     def step(state, batch, seed_key):
         return train_step(state, batch, seed_key, cfg=cfg, tcfg=tcfg, tx=tx, precision=precision)
 
@@ -260,16 +284,33 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, tx, mesh: Mesh | None =
     data = NamedSharding(mesh, P("data"))
     jitted = jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
                      donate_argnums=(0,) if donate else ())
+    n_dev = mesh.devices.size
+    n_local = len(mesh.local_devices)
 
-    def shard_batch(batch):
-        n = mesh.devices.size
-        b = len(batch["images"])
-        if b % n:
-            raise ValueError(f"global batch {b} does not split over {n} devices")
-        return {k: jax.device_put(np.asarray(v), data) for k, v in batch.items()}
+    def shard_batch(batch, process_local: bool = False):
+        rows = len(batch["images"])
+        if process_local:
+            if rows % n_local:
+                raise ValueError(f"this process' batch of {rows} does not split over its "
+                                 f"{n_local} devices of the mesh")
+            return {k: jax.make_array_from_process_local_data(data, np.asarray(v))
+                    for k, v in batch.items()}
+        if rows % n_dev:
+            raise ValueError(f"global batch {rows} does not split over {n_dev} devices")
+        if jax.process_count() == 1:
+            return {k: jax.device_put(np.asarray(v), data) for k, v in batch.items()}
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            out[k] = jax.make_array_from_callback(v.shape, data, lambda idx, v=v: v[idx])
+        return out
 
     def replicate(tree):
-        return jax.device_put(tree, rep)
+        if jax.process_count() == 1:
+            return jax.device_put(tree, rep)
+        return jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_callback(np.shape(x), rep,
+                                                   lambda idx, x=x: np.asarray(x)[idx]), tree)
 
     jitted.shard_batch = shard_batch  # type: ignore[attr-defined]
     jitted.replicate = replicate  # type: ignore[attr-defined]
