@@ -181,8 +181,10 @@ class MatterportMaskRCNN(nn.Module):
         self.classifier = Classifier(cfg.fc_dim, cfg.num_classes, cfg.norm_eps)
         self.mask = MaskHead(cfg.mask_channels, cfg.num_classes, cfg.norm_eps)
 
-    def __call__(self, images, windows, return_aux: bool = False):
-        """images `[B, S, S, 3]`, windows `[B, 4]` float32 -> (detections, aux)."""
+    def __call__(self, images, windows, return_aux: bool = False, proposals=None):
+        """images `[B, S, S, 3]`, windows `[B, 4]` float32 -> (detections, aux).
+        `proposals`: (boxes `[B, K, 4]` normalised, valid `[B, K]`) given instead of the RPN's
+        (tests: the heads from another implementation's exact proposals)."""
         cfg = self.cfg
         s = cfg.max_dim
         if images.shape[1:3] != (s, s):
@@ -192,8 +194,11 @@ class MatterportMaskRCNN(nn.Module):
         logits, deltas = self.rpn(levels)
         probs = jax.nn.softmax(logits, axis=-1)[..., 1]  # [B, A] fg
         anchors = jnp.asarray(ops.anchors(cfg))  # [A, 4] pixels
-        proposals, prop_valid = jax.vmap(lambda p, d: self._proposals(p, d, anchors))(
-            probs, deltas)  # [B, K, 4] normalised
+        if proposals is None:
+            proposals, prop_valid = jax.vmap(lambda p, d: self._proposals(p, d, anchors))(
+                probs, deltas)  # [B, K, 4] normalised
+        else:
+            proposals, prop_valid = proposals
         heads = levels[:4]
         crops = jax.vmap(lambda *a: ops.pyramid_crop_and_resize(
             a[:4], a[4], s, cfg.pool_size, cfg.round_half_away))(*heads, proposals)
