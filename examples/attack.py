@@ -21,15 +21,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def default_weights() -> Path | None:
-    """The shipped shapes model (jaxmrcnn.weights.default_checkpoint_path), if installed."""
-    try:
-        from jaxmrcnn.weights import default_checkpoint_path
-    except ImportError:
-        return None
-    return Path(default_checkpoint_path())
-
-
 def scene_with(class_name: str, size_hw: tuple[int, int], seed: int) -> np.ndarray:
     """A generated shapes image (synth.render) holding at least one `class_name` shape."""
     from jaxmrcnn.data import synth
@@ -80,7 +71,7 @@ def attack(rd, image: np.ndarray, target: int, *, steps: int, eps: float, step_s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", help="checkpoint (default: the shipped shapes model, "
-                                      "jaxmrcnn/weights/shapes.msgpack)")
+                                      "jaxmrcnn.weights.default_checkpoint_path())")
     ap.add_argument("--class", dest="target", required=True, help="class name to remove")
     ap.add_argument("--image", help="RGB image file (default: a generated shapes scene)")
     ap.add_argument("--size", type=int, nargs="+", default=[256],
@@ -93,10 +84,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="attack_out", help="folder for before.png / after.png")
     args = ap.parse_args(argv)
 
-    weights = Path(args.weights) if args.weights else default_weights()
-    if weights is None or not weights.is_file():
-        print(f"error: no checkpoint at {weights or 'jaxmrcnn/weights/shapes.msgpack'}: the "
-              f"shipped shapes model is not installed here; pass --weights FILE (any "
+    if args.weights:
+        weights = Path(args.weights)
+    else:  # the shipped shapes model
+        try:
+            from jaxmrcnn.weights import default_checkpoint_path
+
+            weights = Path(default_checkpoint_path())
+        except (ImportError, FileNotFoundError) as e:
+            print(f"error: no default model ({e}); pass --weights FILE", file=sys.stderr)
+            return 2
+    if not weights.is_file():
+        print(f"error: no checkpoint at {weights}: pass --weights FILE (any "
               f"jaxmrcnn.load-able checkpoint)", file=sys.stderr)
         return 2
     import jaxmrcnn

@@ -240,6 +240,10 @@ def _forward(module, images, info, fixed, box_gradients, with_masks, adaptive_sa
     proposals = ops.clip_boxes(proposals, image_hw[:, None, 0], image_hw[:, None, 1],
                                legacy=cfg.rpn.box_plus_one)
     proposals = jnp.where(p_valid[..., None], proposals, 0.0)  # [B, P, 4]
+    # Without box gradients the proposals are constants, as torchvision's (decoded from
+    # detached deltas): the box head's ROIs, the detections' reference boxes, regression
+    # targets.
+    proposals = _box_path(proposals, box_gradients)
     prop_scores = jnp.where(p_valid,
                             jax.nn.sigmoid(_gather(jnp.concatenate(logits, axis=1), p_idx)), 0.0)
 
@@ -252,7 +256,7 @@ def _forward(module, images, info, fixed, box_gradients, with_masks, adaptive_sa
     def level_of(boxes):
         return ops.assign_levels(sg(boxes), rule=pc.level_rule, min_level=2, max_level=5)
 
-    rois = _box_path(proposals, box_gradients)
+    rois = proposals
     if fixed is None:
         sel["box_levels"] = level_of(proposals)
     box_feats, overflow = roi_align_differentiable(
@@ -352,7 +356,12 @@ class TargetClassMissed:
         return dict(target=np.int32(det.class_index(self.target)))
 
     def select(self, cfg: ModelConfig, out, sel, data) -> dict:
-        return {}
+        """"candidates": which (proposal, target class) pairs pass the score threshold."""
+        if self.scope == "detections":
+            return {}
+        probs = jax.nn.softmax(out["class_logits"], axis=-1)  # [B, P, K]
+        p = jnp.take(probs, data["target"], axis=2)  # [B, P]
+        return dict(candidates=sel["proposal_valid"] & (p > cfg.roi_heads.score_thresh))
 
     def value(self, cfg: ModelConfig, out, sel, data):
         """-> `[B]`."""
@@ -360,10 +369,8 @@ class TargetClassMissed:
         if self.scope == "detections":
             hit = sel["det_valid"] & (sel["det_class"] == t)
             return jnp.sum(jnp.where(hit, out["scores"], 0.0), axis=1)
-        probs = jax.nn.softmax(out["class_logits"], axis=-1)  # [B, P, K]
-        p = jnp.take(probs, t, axis=2)  # [B, P]
-        keep = sel["proposal_valid"] & (jax.lax.stop_gradient(p) > cfg.roi_heads.score_thresh)
-        return jnp.sum(jnp.where(keep, p, 0.0), axis=1)
+        p = jnp.take(jax.nn.softmax(out["class_logits"], axis=-1), t, axis=2)  # [B, P]
+        return jnp.sum(jnp.where(sel["candidates"], p, 0.0), axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
