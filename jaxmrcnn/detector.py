@@ -10,6 +10,10 @@ programs serve every image size; each image is still computed exactly as alone (
 model.py), so the bucket never changes the numbers. Compiled programs are kept in a
 persistent XLA cache (`~/.cache/jaxmrcnn/xla`, or $JAXMRCNN_CACHE_DIR) and traced ones in its
 `programs/` folder (programs.py), so that a second process neither traces nor compiles.
+
+Devices: a batch is spread over the local devices (`jax.local_devices()`, or `devices=`),
+sharded along the batch axis: each device runs the model on its slice of the batch, the same
+program as one device with that smaller batch. See `Detector`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxmrcnn import ops
 from jaxmrcnn.checkpoint import (
@@ -38,7 +44,7 @@ from jaxmrcnn.checkpoint import (
     load_checkpoint,
 )
 from jaxmrcnn.config import ModelConfig
-from jaxmrcnn.model import PRECISIONS, MaskRCNN, matmul_precision
+from jaxmrcnn.model import PRECISIONS, MaskRCNN, cast_params, compute_dtype, matmul_precision
 from jaxmrcnn.preprocess import Prepared, batch, prepare
 from jaxmrcnn.programs import ProgramCache, source_digest
 
@@ -183,8 +189,35 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def default_devices() -> list:
+    """The devices a Detector spreads its batches over by default: all local devices of the
+    default backend, or only the device set with `jax.default_device` where one is set."""
+    chosen = jax.config.jax_default_device
+    if chosen is None:
+        return jax.local_devices()
+    if isinstance(chosen, str):  # a platform name
+        return jax.local_devices(backend=chosen)
+    return [chosen]
+
+
 class Detector:
     """Runs a converted Mask R-CNN on lists of images. See the module docstring.
+
+    batch_size: images per model call. With several local devices (GPUs, TPU cores, or CPU
+    devices made with XLA_FLAGS=--xla_force_host_platform_device_count=N), each call's batch
+    is sharded along the batch axis over min(batch_size, device count) of them (`devices`:
+    which; default `jax.local_devices()`), padded with empty slots to a multiple of that
+    count (`program_batch`); the empty slots' results are dropped. Each device computes its
+    images exactly as one device computes a batch of program_batch / devices images.
+
+    precision: of matmuls and convolutions (model.PRECISIONS; "float32" = HIGHEST, the
+    default). dtype: the compute dtype of the network (model.DTYPES: "float32", the default,
+    "bfloat16" or "float16"): the backbone, FPN, RPN head and box / mask heads run their
+    activations and params in it (params cast once, here; frozen-norm statistics folded in
+    float32). Box decoding, NMS, score thresholds, ROIAlign's sampling and the mask paste
+    stay float32 whatever the dtype. Half precision changes results: on the seeded
+    torchvision R50 of `benchmarks/precision.py` bfloat16 keeps most of float32's detections,
+    not all (see the README for the measured agreement).
 
     Global state: with `compilation_cache=True` (the default) constructing a Detector turns
     on JAX's persistent compilation cache (enable_compilation_cache: three jax.config
@@ -201,10 +234,14 @@ class Detector:
         compilation_cache: bool = True,
         compiler_options="auto",
         precision: str = "float32",
+        dtype: str = "float32",
+        devices: Sequence | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        compute_dtype(dtype)  # ValueError naming the choices
         self.precision = precision  # of matmuls and convolutions (model.PRECISIONS)
+        self.dtype = dtype  # of the network's activations and params (model.DTYPES)
         self._program_cache = None
         self.compiler_options = resolve_compiler_options(compiler_options)
         if compilation_cache:  # the only global change: see enable_compilation_cache
@@ -228,8 +265,20 @@ class Detector:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.params = jax.device_put(checkpoint.params)
-        self.model = MaskRCNN(self.config, precision=precision)
+        chosen = default_devices() if devices is None else list(devices)
+        if not chosen:
+            raise ValueError("devices is empty: pass None (all local devices) or a list of "
+                             "jax devices")
+        self.devices = chosen[: min(len(chosen), batch_size)]  # those a batch is spread over
+        self.program_batch = _round_up(batch_size, len(self.devices))  # with empty slots
+        params = cast_params(checkpoint.params, dtype)  # once; float32: unchanged
+        self._mesh = None
+        if len(self.devices) == 1:  # as before devices existed: one plain jit
+            self.params = jax.device_put(params, None if devices is None else self.devices[0])
+        else:
+            self._mesh = Mesh(np.array(self.devices), ("batch",))
+            self.params = jax.device_put(params, NamedSharding(self._mesh, P()))
+        self.model = MaskRCNN(self.config, precision=precision, dtype=dtype)
         pc = self.config.paste
         paste = partial(
             ops.paste_masks, method=pc.method, threshold=pc.threshold, strict=pc.strict,
@@ -248,19 +297,35 @@ class Detector:
 
     def _program(self, images, info):
         """The jitted model for this canvas and batch size: traced once per process, or
-        read back from the program cache (see programs.py) so a new process skips tracing."""
+        read back from the program cache (see programs.py) so a new process skips tracing.
+        Over several devices: the model under shard_map, each device on its slice of the
+        batch (params replicated), so a device runs the one-device program of that slice."""
         key = images.shape
         if key not in self._programs:
+            fn, shardings = self._infer_fn, {}
+            if self._mesh is not None:
+                batched = P("batch")
+                fn = jax.shard_map(self._infer_fn, mesh=self._mesh,
+                                   in_specs=(P(), batched, batched), out_specs=batched,
+                                   check_vma=False)  # per-device code: no collectives
+                shardings = dict(
+                    in_shardings=(NamedSharding(self._mesh, P()),) + (self._batched(),) * 2,
+                    out_shardings=self._batched())
             if self._program_cache is None:
-                self._programs[key] = jax.jit(
-                    self._infer_fn, compiler_options=self.compiler_options
-                )
+                self._programs[key] = jax.jit(fn, compiler_options=self.compiler_options,
+                                              **shardings)
             else:
-                name = f"maskrcnn|{self.precision}|{self.config!r}"
+                # everything that shapes the program besides the arguments' shapes and dtypes
+                name = (f"maskrcnn|{self.precision}|{self.dtype}|devices={len(self.devices)}|"
+                        f"{self.config!r}")
                 self._programs[key] = self._program_cache.get(
-                    name, self._infer_fn, (self.params, images, info)
+                    name, fn, (self.params, images, info), **shardings
                 )
         return self._programs[key]
+
+    def _batched(self) -> NamedSharding:
+        """Arrays split along their first (batch) axis over the devices."""
+        return NamedSharding(self._mesh, P("batch"))
 
     # ------------------------------------------------------------------ batching
     def prepare(self, images) -> list[Prepared]:
@@ -287,7 +352,11 @@ class Detector:
         for canvas, idxs in groups.items():
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start : start + self.batch_size]
-                images, info, _ = batch([prepared[i] for i in chunk], canvas, self.batch_size)
+                # padded to program_batch (a multiple of the devices) with empty slots; their
+                # results are never read (`_collect` takes the chunk's rows only)
+                images, info, _ = batch([prepared[i] for i in chunk], canvas, self.program_batch)
+                if self._mesh is not None:  # each device receives its slice only
+                    images, info = jax.device_put((images, info), self._batched())
                 running.append((chunk, self._program(images, info)(self.params, images, info)))
         return running
 

@@ -55,9 +55,48 @@ def matmul_precision(precision: str):
     return jax.default_matmul_precision(precision)
 
 
+# Compute dtypes of the network (backbone, FPN, RPN head, box and mask heads): their
+# activations and params. "float32" (the default) is the reference computation; "bfloat16"
+# and "float16" halve the memory traffic where the hardware has fast half-precision units.
+# Box decoding, NMS, score thresholds, ROIAlign's sampling and the mask paste stay float32
+# whatever the dtype: the heads' outputs are cast up before any of them.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(dtype: str):
+    """The jnp dtype of a DTYPES name; ValueError naming the choices otherwise."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return jnp.dtype(dtype)
+
+
+# FrozenNorm statistics stay float32 when params are cast (folded into scale and shift in
+# float32, then cast: a variance can exceed float16's range, 65504).
+KEEP_FLOAT32 = ("mean", "var")
+
+
+def cast_params(params, dtype: str):
+    """`params` for a model of compute dtype `dtype`: every floating leaf cast to it (done once,
+    e.g. by the Detector when it loads a checkpoint), except the frozen norms' statistics
+    (KEEP_FLOAT32). For "float32" the tree is returned as it is."""
+    dt = compute_dtype(dtype)
+    if dt == jnp.float32:
+        return params
+
+    def cast(path, x):
+        name = getattr(path[-1], "key", None)
+        if name in KEEP_FLOAT32 or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 class MaskRCNN(nn.Module):
     cfg: ModelConfig
     precision: str = "float32"  # of matmuls and convolutions: one of PRECISIONS
+    # compute dtype of the network's activations (params: `cast_params`): one of DTYPES
+    dtype: str = "float32"
 
     def setup(self):
         cfg = self.cfg
@@ -77,7 +116,8 @@ class MaskRCNN(nn.Module):
             return feats, self.fpn(feats, padded_hw)
 
     def __call__(self, images, info, return_aux: bool = False):
-        """The model (see `_forward`), every dot and convolution at `self.precision`."""
+        """The model (see `_forward`), every dot and convolution at `self.precision`, the
+        network computed in `self.dtype` (DTYPES: the params should be `cast_params`'s)."""
         with matmul_precision(self.precision):
             return self._forward(images, info, return_aux)
 
@@ -93,12 +133,17 @@ class MaskRCNN(nn.Module):
         image_hw = info["image_hw"]
         padded_hw = info["padded_hw"]
         b = images.shape[0]
-        feats, pyr = self.pyramid(images, padded_hw)
+        # The network in `dt`; everything that decodes, selects or samples in float32 (for
+        # float32 these casts are no-ops: the program is the float32 model's exactly).
+        dt, f32 = compute_dtype(self.dtype), jnp.float32
+        feats, pyr = self.pyramid(images.astype(dt), padded_hw)
         levels = [pyr[f"p{i}"] for i in range(2, 7)]
         strides = level_strides(len(levels))
 
         # RPN.
         logits, deltas = self.rpn_head(levels, strides, padded_hw)
+        logits = [x.astype(f32) for x in logits]
+        deltas = [x.astype(f32) for x in deltas]
         anchors, anchor_valid = anchors_for_canvas(
             cfg.anchors, [lv.shape[1:3] for lv in levels], padded_hw
         )
@@ -107,7 +152,9 @@ class MaskRCNN(nn.Module):
         )
 
         # Box head.
-        pool_levels = levels[:4]  # P2..P5
+        # P2..P5; ROIAlign samples float32 maps (its sample coordinates are in the maps'
+        # dtype, and bfloat16 has 8 bits of mantissa: pixels lost on large images)
+        pool_levels = [lv.astype(f32) for lv in levels[:4]]
         scales = [1.0 / s for s in strides[:4]]
         level_hw = jnp.stack([-(-padded_hw // s) for s in strides[:4]], axis=1)  # [B, 4, 2]
         pc = cfg.pooler
@@ -123,10 +170,10 @@ class MaskRCNN(nn.Module):
             pool_levels, proposals, output_size=pc.box_output_size, **pool
         )  # [B, R, 7, 7, C]
         r = proposals.shape[1]
-        x = self.box_head(box_feats.reshape((b * r,) + box_feats.shape[2:]))
+        x = self.box_head(box_feats.reshape((b * r,) + box_feats.shape[2:]).astype(dt))
         class_logits, box_deltas = self.box_predictor(x)
-        class_logits = class_logits.reshape(b, r, -1)
-        box_deltas = box_deltas.reshape(b, r, -1, 4)  # [B, R, G, 4]
+        class_logits = class_logits.reshape(b, r, -1).astype(f32)
+        box_deltas = box_deltas.reshape(b, r, -1, 4).astype(f32)  # [B, R, G, 4]
         det_boxes, det_scores, det_labels, det_valid, det_rois = box_detections(
             cfg.roi_heads, class_logits, box_deltas, proposals, prop_valid, image_hw
         )
@@ -142,8 +189,8 @@ class MaskRCNN(nn.Module):
                 det_labels > cfg.roi_heads.background_index, det_labels - 1, det_labels
             )
         mask_logits = self.mask_head(
-            mask_feats.reshape((b * d,) + mask_feats.shape[2:]), mask_labels.reshape(-1)
-        )
+            mask_feats.reshape((b * d,) + mask_feats.shape[2:]).astype(dt), mask_labels.reshape(-1)
+        ).astype(f32)
         masks = jax.nn.sigmoid(mask_logits).reshape((b, d) + mask_logits.shape[1:])
 
         # Back to original-image pixels, x and y scaled separately.

@@ -7,8 +7,10 @@ and later rebuilds the jitted function from it in ~0.3 s; the compilation cache 
 the compiled code.
 
 The key covers everything the program depends on: the caller's name for it (which must
-encode any static configuration, e.g. the model config), the argument tree with shapes and
-dtypes, the compiler options, the backend and device kind it runs on, the versions of every
+encode any static configuration: the Detector's names the model config, the matmul precision,
+the compute dtype and the device count), the argument tree with shapes and dtypes, the
+argument and result shardings (a program split over N devices is exported for N devices),
+the compiler options, the backend and device kind it runs on, the versions of every
 library that shapes the traced program (jax, jaxlib, flax, numpy: `environment()`), and a
 digest of this package's source code, so an edited jaxmrcnn never reuses a stale program. A
 file that cannot be read back (truncated, from another version) is replaced by a fresh
@@ -62,6 +64,15 @@ def _signature(args) -> str:
     return f"{tree}|{shapes}"
 
 
+def _shardings(shardings: dict) -> str:
+    """The devices' count and the partition specs of jit's in_shardings / out_shardings."""
+    def describe(s):
+        return f"{getattr(s, 'spec', s)}@{s.num_devices}"
+
+    return repr({k: [describe(s) for s in jax.tree_util.tree_leaves(v)]
+                 for k, v in sorted(shardings.items())})
+
+
 class ProgramCache:
     """`get(name, fn, args)`: a jitted callable equivalent to `jax.jit(fn)` for arguments
     shaped like `args`, from disk when this program was exported before."""
@@ -70,26 +81,30 @@ class ProgramCache:
         self.directory = Path(directory)
         self.compiler_options = compiler_options
 
-    def key(self, name: str, args) -> str:
+    def key(self, name: str, args, shardings: dict | None = None) -> str:
         parts = [name, _signature(args), repr(sorted((self.compiler_options or {}).items())),
                  repr(sorted(environment().items())), source_digest()]
+        if shardings:  # absent for one device: keys (and files) as before shardings existed
+            parts.append(_shardings(shardings))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:40]
 
-    def path(self, name: str, args) -> Path:
+    def path(self, name: str, args, shardings: dict | None = None) -> Path:
         label = "".join(c if c.isalnum() else "_" for c in name.split("|")[0])[:40]
-        return self.directory / f"{label}-{self.key(name, args)}.jaxexport"
+        return self.directory / f"{label}-{self.key(name, args, shardings)}.jaxexport"
 
-    def get(self, name: str, fn: Callable, args) -> Callable:
-        path = self.path(name, args)
+    def get(self, name: str, fn: Callable, args, **shardings) -> Callable:
+        """`shardings`: jax.jit's in_shardings / out_shardings, for a program over several
+        devices (the export then holds them; it runs on as many devices)."""
+        path = self.path(name, args, shardings)
         exported = self._read(path)
         if exported is None:
             spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-            exported = jax.export.export(jax.jit(fn))(*spec)
+            exported = jax.export.export(jax.jit(fn, **shardings))(*spec)
             try:
                 atomic_write(path, exported.serialize())
             except OSError as e:  # a read-only cache only costs speed
                 warnings.warn(f"could not save the traced program to {path}: {e}", stacklevel=2)
-        return jax.jit(exported.call, compiler_options=self.compiler_options)
+        return jax.jit(exported.call, compiler_options=self.compiler_options, **shardings)
 
     @staticmethod
     def _read(path: Path):

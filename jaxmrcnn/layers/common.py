@@ -32,9 +32,9 @@ class FrozenNorm(nn.Module):
             return x * w + b
         mean = self.param("mean", nn.initializers.zeros, (c,))
         var = self.param("var", nn.initializers.ones, (c,))
-        scale = w * jax.lax.rsqrt(var + self.eps)
+        scale = w * jax.lax.rsqrt(var + self.eps)  # float32: mean, var are (model.cast_params)
         shift = b - mean * scale
-        return x * scale + shift
+        return x * scale.astype(x.dtype) + shift.astype(x.dtype)  # no-ops for float32 x
 
 
 def conv(features, kernel, stride=1, *, bias=True, groups=1, name=None, dilation=1):
