@@ -28,23 +28,18 @@ prints both tables side by side with the difference, and how many of torchvision
 detections ours match one to one. If it fails, metrics.json records the failure beside our
 numbers and the exit status is 1; --resume retries it.
 
-With no arguments it runs a complete evaluation that needs nothing downloaded: a torchvision
-Mask R-CNN with seeded random weights (calibrated as in tests/torch_reference.py; no trained
-model ships yet), converted, on coco-mini (../shared/data/coco-mini or $JAXMRCNN_COCO_MINI)
-or, where that folder is absent, on a generated shapes dataset, at a short side of 384, in
-reference mode.
+With no arguments it runs a complete evaluation that needs nothing downloaded: the model
+that ships with jaxmrcnn (jaxmrcnn/weights: a narrow R26-FPN Mask R-CNN trained here with
+`train/train.py --preset shapes`) on the held-out split of its generated five-class shapes
+dataset (jaxmrcnn/data/synth.py; generated once into ~/.cache/jaxmrcnn).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -76,10 +71,6 @@ from jaxmrcnn.coco import (  # noqa: E402
 from jaxmrcnn.compare import match_detections  # noqa: E402
 from jaxmrcnn.images import ImageReadError, read_image  # noqa: E402
 
-COCO_MINI = Path(
-    os.environ.get("JAXMRCNN_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini")
-)
-
 
 class EvalError(Exception):
     """A problem with the command's inputs; printed as `error: ...` with exit status 1."""
@@ -88,54 +79,20 @@ class EvalError(Exception):
 # ---------------------------------------------------------------------------------------------
 # The embedded default
 # ---------------------------------------------------------------------------------------------
-def default_weights(images, cache_dir: Path) -> Path:
-    """Seeded, calibrated random torchvision v1 weights, converted (cached between runs)."""
-    path = cache_dir / "default_eval_torchvision_v1_seed0.jaxmrcnn.msgpack"
-    if path.exists():
-        return path
+def default_run():
+    """(weights, images folder, annotations, description) of the built-in evaluation: the
+    model that ships with jaxmrcnn (jaxmrcnn/weights), trained here on generated shapes, on
+    its held-out validation split (generated once into ~/.cache/jaxmrcnn)."""
+    from jaxmrcnn import weights
+
     try:
-        import torch
-    except ImportError:
-        raise EvalError("the default run builds torchvision weights and needs PyTorch: "
-                        "pip install -e '.[torch]' (or pass --weights)") from None
-    sys.path.insert(0, str(ROOT / "tests"))
-    import torch_reference as R
-
-    from jaxmrcnn.converters.from_torch import convert_file
-
-    print("building the default weights: torchvision maskrcnn_resnet50_fpn, seed 0, "
-          f"calibrated on {len(images)} images ...", flush=True)
-    model = R.build("v1", min_size=384, max_size=640)
-    R.calibrate(model, [R.to_tensor(a) for a in images])
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        pth = Path(tmp) / "default_v1.pth"
-        torch.save(model.state_dict(), pth)
-        ckpt, _ = convert_file(pth)
-    ckpt.source["note"] = "seeded random weights, calibrated (tests/torch_reference.py)"
-    ckpt.save(path)
-    return path
-
-
-def default_dataset():
-    if (COCO_MINI / "annotations" / "instances_train2017.json").exists():
-        return (COCO_MINI / "train2017", COCO_MINI / "annotations" / "instances_train2017.json",
-                f"coco-mini ({COCO_MINI}: 80 COCO train2017 images, official annotations)")
-    from jaxmrcnn.shapes import generate
-
-    # Generated once into the cache (not a temporary folder), so that --resume finds it.
-    folder = Path.home() / ".cache" / "jaxmrcnn" / "shapes-16-seed0"
-    if not (folder / "annotations.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="shapes-", dir=folder.parent))
-        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-        generate(tmp, n_images=16)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process made it meanwhile
-            pass
-    return (folder / "images", folder / "annotations.json",
-            "a generated shapes dataset (16 images; coco-mini was not found)")
+        model = weights.default_checkpoint_path()
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    img_dir, ann = weights.validation_set()
+    return (model, img_dir, ann,
+            f"the shipped shapes model ({model.name}) on its held-out split of "
+            f"{weights.VAL_IMAGES} generated images ({img_dir.parent})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,10 +430,9 @@ def run(args) -> dict:
         take_recorded(args, recorded)
     default = not (args.weights or args.images or args.annotations)
     if default:
-        img_dir, ann, what = default_dataset()
-        args.images, args.annotations = str(img_dir), str(ann)
-        args.reference = args.reference or "torchvision"
-        args.min_size, args.max_size = args.min_size or 384, args.max_size or 640
+        model, img_dir, ann, what = default_run()
+        args.weights, args.images, args.annotations = str(model), str(img_dir), str(ann)
+        print(f"evaluating {what}")
     elif not (args.weights and args.images and args.annotations):
         raise EvalError("pass --weights, --images and --annotations together (or none of them "
                         "for the built-in default evaluation)")
@@ -495,11 +451,6 @@ def run(args) -> dict:
                         f"{img_dir} (e.g. {gt.imgs[image_ids[0]]['file_name']}); is --images "
                         f"the right folder?")
 
-    if default:
-        calib = [read_image(img_dir / gt.imgs[i]["file_name"]) for i in image_ids[:3]]
-        args.weights = str(default_weights(calib, Path.home() / ".cache" / "jaxmrcnn"))
-        print(f"evaluating seeded random torchvision weights (no trained model ships yet) on "
-              f"{what}, short side {args.min_size}, in reference mode")
     ckpt = load_weights(args.weights)
     size = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v}
     if size:

@@ -260,6 +260,7 @@ def test_anchors_and_levels_match_the_reference():
 
 
 @pytest.mark.slow
+@pytest.mark.skip(reason="never run in its final form (issue #13 open): run it before enabling")
 def test_r101_full_size_parity_on_coco_mini(parity_images):
     """The port's COCO model at its own sizes (ResNet-101, 1024 canvas, 1000 proposals), seeded
     and calibrated on one image."""

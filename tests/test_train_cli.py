@@ -36,7 +36,7 @@ def fast_compile():
 def argv(out, *extra):
     return ["--out", str(out), "--preset", "tiny", "--synth", "6", "--synth-size", "64",
             "--steps", "4", "--save-every", "2", "--no-progress", "--fast-compile",
-            "--workers", "1", *extra]
+            "--workers", "1", "--synth-val", "0", *extra]
 
 
 def metrics(out):
@@ -90,6 +90,34 @@ def test_interrupt_after_a_step_ran_resumes_exactly(straight, tmp_path, monkeypa
     b = dict(flatten_tree(load_checkpoint(out / "model.msgpack").params))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_periodic_evaluation(tmp_path):
+    """--eval-every: COCO AP of the in-training params on a generated validation split at
+    the given steps and at the end, in metrics.jsonl; the final evaluation equals
+    eval/coco.py's on the saved model (the same Detector and COCOeval, another entry point)."""
+    out = tmp_path / "ev"
+    args = argv(out, "--eval-every", "2", "--synth-val", "3", "--steps", "3")
+    args[args.index("--synth-val") + 1] = "3"  # argv() turns validation off by default
+    assert train_cli.main(args) == 0
+    evals = [r for r in metrics(out) if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 3]
+    keys = {f"{t}_{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")}
+    for r in evals:
+        assert set(r["eval"]) == keys
+        assert all(-1 <= v <= 1 for v in r["eval"].values())  # -1: COCOeval's "no data"
+    spec = importlib.util.spec_from_file_location(
+        "eval_cli", Path(__file__).resolve().parents[1] / "eval" / "coco.py")
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    val = out / "synth_val"
+    assert eval_cli.main(["--weights", str(out / "model.msgpack"), "--annotations",
+                          str(val / "annotations.json"), "--images", str(val / "images"),
+                          "--out", str(tmp_path / "eval")]) == 0
+    got = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    print(got)
+    assert evals[-1]["eval"]["bbox_AP"] == pytest.approx(got["bbox"]["AP"], abs=1e-4)
+    assert evals[-1]["eval"]["segm_AP"] == pytest.approx(got["segm"]["AP"], abs=1e-4)
 
 
 def test_final_model_loads(straight):

@@ -39,6 +39,7 @@ from jaxmrcnn.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from jaxmrcnn.config import torchvision_maskrcnn_r50_fpn  # noqa: E402
 from jaxmrcnn.data import STEP_KEYS, Loader, LoaderConfig, read_coco, synth  # noqa: E402
 from jaxmrcnn.train.config import TrainConfig  # noqa: E402
+from jaxmrcnn.train.evaluate import Evaluator  # noqa: E402
 from jaxmrcnn.train.step import (  # noqa: E402
     OptimConfig,
     check_finite,
@@ -65,9 +66,26 @@ class Preset:
     max_gt: int
     rpn_test_top_n: tuple[int, int]  # inference pre / post NMS top-n
     detections_per_img: int
+    # ModelConfig changes from torchvision's R50-FPN for models trained from scratch, as
+    # cfg.replace(**model) takes them (e.g. a narrower backbone); () keeps torchvision's.
+    model: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
 
 PRESETS = {
+    # The shipped shapes model (jaxmrcnn/weights): a narrow R26-FPN from scratch at 256 px.
+    "shapes": Preset(
+        min_sizes=(256,), test_size=256, max_size=256, buckets=((256, 256),),
+        tcfg=TrainConfig(rpn_pre_nms_top_n=600, rpn_post_nms_top_n=300,
+                         rpn_batch_size_per_image=128, roi_batch_size_per_image=128,
+                         mask_target_max_samples=2),
+        optim=OptimConfig(base_lr=0.04, warmup_steps=100, milestones=(900,),
+                          frozen_prefixes=()),  # from scratch: train all
+        batch_size=4, steps=1100, max_gt=12, rpn_test_top_n=(600, 300),
+        detections_per_img=50,
+        model=(("backbone", (("depth", 26), ("base_channels", 16))),
+               ("fpn", (("out_channels", 64),)),
+               ("anchors", (("sizes", (16, 32, 64, 128, 256)),)),
+               ("roi_heads", (("fc_dim", 256), ("conv_dim", 64))))),
     "shapes-small": Preset(
         min_sizes=(256,), test_size=256, max_size=256, buckets=((256, 256),),
         tcfg=TrainConfig(rpn_pre_nms_top_n=600, rpn_post_nms_top_n=300,
@@ -95,6 +113,13 @@ def parse_args(argv=None):
                    help="generate N images of jaxmrcnn/data/synth.py into OUT/synth and train on "
                         "them (instead of --annotations)")
     p.add_argument("--synth-size", type=int, default=256)
+    p.add_argument("--synth-val", type=int, default=64, metavar="M",
+                   help="with --synth: also generate M validation images (another seed)")
+    p.add_argument("--val-annotations", help="validation COCO JSON for periodic evaluation")
+    p.add_argument("--val-images", help="folder of the validation annotation file's images")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="COCO box / mask AP on the validation set every N steps and at the end "
+                        "(0: only at the end, when there is a validation set)")
     p.add_argument("--init", help="converted checkpoint to start from (class heads "
                                   "re-initialised if its class count differs); default: scratch")
     p.add_argument("--steps", type=int, help="total steps (default: the preset's)")
@@ -170,6 +195,15 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
         images_dir, ann = Path(args.images), Path(args.annotations)
     else:
         raise SystemExit("give --annotations and --images, or --synth N")
+    val = None
+    if args.val_annotations and args.val_images:
+        val = Path(args.val_annotations), Path(args.val_images)
+    elif args.synth and args.synth_val:
+        val_ann = out / "synth_val" / "annotations.json"
+        if not val_ann.is_file():  # a seed no training image uses
+            synth.generate(out / "synth_val", args.synth_val, seed=args.seed + 10_000,
+                           size_hw=(args.synth_size, args.synth_size))
+        val = val_ann, out / "synth_val" / "images"
     dataset = read_coco(ann, images_dir)
     print(f"data: {len(dataset.records)} images, {dataset.num_classes - 1} classes "
           f"{dataset.names}; skipped {dict(dataset.skipped) or 'nothing'}")
@@ -181,6 +215,7 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
                                        seed=args.seed)
     else:
         cfg = torchvision_maskrcnn_r50_fpn(dataset.num_classes)
+        cfg = cfg.replace(**{part: dict(fields) for part, fields in preset.model})
         params = None
     cfg = cfg.replace(
         input=dict(min_size=preset.test_size, max_size=preset.max_size),
@@ -241,6 +276,20 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+    evaluator = Evaluator(*val) if val is not None else None
+    classes, category_ids = dataset.classes()
+
+    def run_eval(step: int) -> dict:
+        params_np = jax.tree_util.tree_map(np.asarray, jax.device_get(state["params"]))
+        t = time.perf_counter()
+        ap = evaluator(cfg, params_np, classes, category_ids)
+        record = dict(step=step, eval=ap, eval_time=time.perf_counter() - t)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        print(f"\neval at step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in ap.items()),
+              flush=True)
+        return ap
+
     status, step = 0, start
     try:
         t_last = time.perf_counter()
@@ -277,6 +326,9 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
                                for k, v in record.items()), flush=True)
             if step % args.save_every == 0 or step == steps:
                 save(step)
+            if evaluator is not None and args.eval_every and step % args.eval_every == 0 \
+                    and step != steps:
+                run_eval(step)
     except KeyboardInterrupt:
         # The interrupt may land before, inside or after the step call: the state's own
         # step counter says which, and data_pos (the position after the last recorded step)
@@ -309,12 +361,14 @@ def main(argv=None, *, stop_after: int | None = None) -> int:
     if status == 0:
         if mngr.latest_step() != step:
             save(step)
-        classes, category_ids = dataset.classes()
         params_np = jax.tree_util.tree_map(np.asarray, jax.device_get(state["params"]))
         Checkpoint(config=cfg, params=params_np, classes=classes, category_ids=category_ids,
                    source=dict(format="jaxmrcnn-train", preset=args.preset, steps=step,
                                seed=args.seed, data=str(ann))).save(out / "model.msgpack")
         print(f"saved {out / 'model.msgpack'} (jaxmrcnn.load reads it)")
+        if evaluator is not None:
+            with open(out / "metrics.jsonl", "a") as metrics_file:
+                run_eval(step)
     mngr.close()
     return status
 
