@@ -209,7 +209,7 @@ def test_unsupported_depth_is_named(tmp_path):
                 sd[k.replace("res4.5.", f"res4.{b}.")] = sd[k]
     path = tmp_path / "r152ish.pkl"
     write("d2_pkl", sd, path)
-    known = r"\(3, 4, 36, 3\) blocks per stage; known: ResNet-50"
+    known = r"\(3, 4, 36, 3\) blocks per stage; known: ResNet-26 \(2, 2, 2, 2\), ResNet-50"
     with pytest.raises(ConversionError, match=known):
         convert_file(path)
 
